@@ -1,0 +1,60 @@
+"""A folder of axial CT slices in DICOM (AAPM/Mayo, TCIA...), split by PatientID."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ldir_pl.data.base import Item, SliceDataModule, StoredImage, split_by_group
+from ldir_pl.data.readers import DICOM_SUFFIXES, check_same_shape, list_files, read_dicom, require_dir
+from ldir_pl.data.transforms import hu_to_unit, resize_area
+
+log = logging.getLogger(__name__)
+
+
+class DicomDataModule(SliceDataModule):
+    """Slices are read, converted HU -> [0,1] and resized once at setup: every file is validated before
+    any training or reconstruction starts, and epochs do not re-decode DICOM."""
+
+    def __init__(self, root: str, val_fraction: float = 0.2, test_fraction: float = 0.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.root = root
+        self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
+        self._images: dict[str, torch.Tensor] | None = None
+        self._patients: dict[str, str] = {}
+        self._split: dict[str, set[str]] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._images is not None:
+            return
+        root = require_dir(self.root, "data.root (DICOM folder)")
+        files = list_files(root, DICOM_SUFFIXES, f"DICOM folder {root}")
+        slices = [read_dicom(p) for p in files]
+        check_same_shape({s.path: s.hu.shape for s in slices}, f"DICOM folder {root}")
+        self._images, ids = {}, []
+        for s in slices:
+            image_id = str(s.path.relative_to(root).with_suffix(""))
+            x = hu_to_unit(torch.from_numpy(s.hu)).unsqueeze(0)
+            self._images[image_id] = resize_area(x, self.image_size)
+            self._patients[image_id] = s.patient_id
+            ids.append(image_id)
+        self._split = split_by_group(list(self._patients.values()), self.val_fraction, self.test_fraction,
+                                     self.seed)
+        log.info("DICOM %s: %d slices of %d patients; split train/val/test patients %d/%d/%d", root,
+                 len(ids), len(self._split["all"]), len(self._split["train"]), len(self._split["val"]),
+                 len(self._split["test"]))
+
+    def patients(self, split: str) -> set[str]:
+        self.setup()
+        return self._split[split]
+
+    def _items(self, split: str) -> list[Item]:
+        self.setup()
+        keep = self._split[split]
+        return [(i, StoredImage(t)) for i, t in self._images.items() if self._patients[i] in keep]
+
+    @property
+    def files_root(self) -> Path:
+        return Path(self.root)

@@ -1,0 +1,119 @@
+"""Readers for the file formats CT data comes in. Each returns float arrays and fails loudly, naming the file."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DICOM_SUFFIXES = {".dcm", ".dicom", ".ima", ""}
+IMAGE_SUFFIXES = {".npy", ".png", ".tif", ".tiff"}
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and what is wrong."""
+
+
+def require_dir(root: str | Path, what: str) -> Path:
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise DataError(f"{what}: folder {path} does not exist")
+    if not path.is_dir():
+        raise DataError(f"{what}: {path} is not a folder")
+    return path
+
+
+@dataclass(frozen=True)
+class DicomSlice:
+    path: Path
+    patient_id: str
+    hu: np.ndarray  # float32 (H, W) in Hounsfield units
+
+
+def read_dicom(path: str | Path) -> DicomSlice:
+    """One CT slice in HU (RescaleSlope/Intercept applied)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    path = Path(path)
+    try:
+        ds = pydicom.dcmread(path)
+    except (InvalidDicomError, OSError, EOFError, ValueError) as err:
+        raise DataError(f"{path}: not a readable DICOM file ({type(err).__name__}: {err})") from err
+    if "PixelData" not in ds:
+        raise DataError(f"{path}: DICOM file holds no image (no PixelData; SOP class "
+                        f"{getattr(ds, 'SOPClassUID', 'unknown')})")
+    try:
+        pixels = ds.pixel_array.astype(np.float32)
+    except Exception as err:  # unsupported transfer syntax, truncated pixel data
+        raise DataError(f"{path}: cannot decode pixel data ({type(err).__name__}: {err})") from err
+    if pixels.ndim != 2:
+        raise DataError(f"{path}: expected one 2-D slice, pixel array has shape {pixels.shape}")
+    slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
+    intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+    patient = str(getattr(ds, "PatientID", "") or path.stem)
+    return DicomSlice(path=path, patient_id=patient, hu=pixels * slope + intercept)
+
+
+def list_files(root: Path, suffixes: set[str], what: str) -> list[Path]:
+    """Files under ``root`` (recursively) with the given suffixes, sorted; others are reported, not hidden."""
+    files, ignored = [], []
+    for p in sorted(root.rglob("*")):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        (files if p.suffix.lower() in suffixes else ignored).append(p)
+    if ignored:
+        log.warning("%s: ignoring %d file(s) in %s that are not %s, e.g. %s", what, len(ignored), root,
+                    sorted(s or "<no suffix>" for s in suffixes), ignored[0].name)
+    if not files:
+        raise DataError(f"{what}: no {sorted(s or '<no suffix>' for s in suffixes)} files found in {root}")
+    return files
+
+
+def read_image_file(path: str | Path) -> np.ndarray:
+    """A 2-D slice from .npy (float, as stored), .png/.tif (integer types scaled to [0, 1])."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            arr = np.load(path, allow_pickle=False)
+        elif suffix in {".tif", ".tiff"}:
+            import tifffile
+
+            arr = tifffile.imread(path)
+        elif suffix == ".png":
+            from PIL import Image
+
+            with Image.open(path) as im:
+                arr = np.asarray(im)
+        else:
+            raise DataError(f"{path}: unsupported image format {suffix!r}; use one of {sorted(IMAGE_SUFFIXES)}")
+    except DataError:
+        raise
+    except Exception as err:
+        raise DataError(f"{path}: cannot read image ({type(err).__name__}: {err})") from err
+    if arr.ndim == 3 and suffix == ".png" and arr.shape[-1] in (3, 4):
+        arr = arr[..., :3].mean(-1) if np.issubdtype(arr.dtype, np.floating) else arr[..., 0]
+    if arr.ndim != 2:
+        raise DataError(f"{path}: expected a 2-D slice, got array of shape {arr.shape}")
+    if np.issubdtype(arr.dtype, np.integer) and suffix != ".npy":
+        arr = arr.astype(np.float32) / float(np.iinfo(arr.dtype).max)
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise DataError(f"{path}: image holds {int((~np.isfinite(arr)).sum())} NaN/inf values")
+    return arr
+
+
+def check_same_shape(shapes: dict[Path, tuple[int, ...]], what: str) -> tuple[int, ...]:
+    """Mixed sizes mean mixed pixel spacing: refuse them rather than resample silently."""
+    items = list(shapes.items())
+    first_path, first = items[0]
+    for path, shape in items[1:]:
+        if shape != first:
+            raise DataError(f"{what}: mixed image sizes: {first_path} is {first} but {path} is {shape}; "
+                            "put slices of one size in a folder")
+    return first

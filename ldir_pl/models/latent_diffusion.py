@@ -1,0 +1,247 @@
+"""Stage 2 of the prior: a ``diffusers.UNet2DModel`` trained with DDPM on latents of the frozen VAE.
+
+``DiffusionModule`` holds everything shared with the pixel-space baseline (noise schedule, EMA,
+optimiser, sampling for validation); subclasses only say how images map to the diffused space.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
+
+from .ema import EMA
+from .images import log_image_grid
+from .schedules import adamw_warmup_cosine, make_ddpm_scheduler
+from .vae import CKPT_KIND_KEY, from_model, load_vae, to_model
+
+
+def build_unet(
+    sample_size: int,
+    channels: int,
+    block_out_channels: list[int] = (64, 128, 128, 256),
+    layers_per_block: int = 2,
+    down_block_types: list[str] | None = None,
+    up_block_types: list[str] | None = None,
+    attention_levels: list[int] | None = None,
+    **kwargs: Any,
+) -> UNet2DModel:
+    """UNet2DModel; attention at ``attention_levels`` (default: the two lowest resolutions)."""
+    n = len(block_out_channels)
+    if down_block_types is None or up_block_types is None:
+        attn = set(range(max(0, n - 2), n) if attention_levels is None else attention_levels)
+        down_block_types = ["AttnDownBlock2D" if i in attn else "DownBlock2D" for i in range(n)]
+        up_block_types = ["AttnUpBlock2D" if i in attn else "UpBlock2D" for i in reversed(range(n))]
+    if sample_size % 2 ** (n - 1):
+        raise ValueError(f"UNet input size {sample_size} is not divisible by 2**{n - 1} ({n} levels)")
+    return UNet2DModel(
+        sample_size=int(sample_size),
+        in_channels=int(channels),
+        out_channels=int(channels),
+        block_out_channels=[int(c) for c in block_out_channels],
+        layers_per_block=int(layers_per_block),
+        down_block_types=list(down_block_types),
+        up_block_types=list(up_block_types),
+        **kwargs,
+    )
+
+
+class DiffusionModule(pl.LightningModule):
+    """DDPM training of a UNet with EMA, AdamW + warmup/cosine; validation samples with DDIM."""
+
+    kind = "diffusion"
+
+    def __init__(
+        self,
+        unet: dict | None = None,
+        scheduler: dict | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 500,
+        min_lr_ratio: float = 0.1,
+        ema_decay: float = 0.999,
+        num_val_samples: int = 8,
+        val_inference_steps: int = 50,
+        sample_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.unet_kwargs = dict(unet or {})
+        self.noise_scheduler = make_ddpm_scheduler(**(scheduler or {}))
+        self.unet: UNet2DModel  # built by the subclass once the diffused shape is known
+        self.ema: EMA
+
+    # --- subclass interface -------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [0,1] -> tensors to diffuse."""
+        raise NotImplementedError
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Diffused tensors -> images in [0,1]."""
+        raise NotImplementedError
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        raise NotImplementedError
+
+    # --- training -----------------------------------------------------------------------------
+    def _init_networks(self, channels: int, size: int) -> None:
+        self.unet = build_unet(size, channels, **self.unet_kwargs)
+        self.ema = EMA(self.unet, self.hparams.ema_decay)
+
+    def diffusion_loss(self, z0: torch.Tensor, unet: UNet2DModel, generator=None) -> torch.Tensor:
+        sched = self.noise_scheduler
+        noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
+        t = torch.randint(0, sched.config.num_train_timesteps, (z0.shape[0],), generator=generator, device=z0.device)
+        noisy = sched.add_noise(z0, noise, t)
+        pred = unet(noisy, t).sample
+        if sched.config.prediction_type == "epsilon":
+            target = noise
+        elif sched.config.prediction_type == "v_prediction":
+            target = sched.get_velocity(z0, noise, t)
+        else:
+            target = z0
+        return F.mse_loss(pred.float(), target.float())
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        with torch.no_grad():
+            z0 = self.encode(batch)
+        loss = self.diffusion_loss(z0, self.unet)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.ema.update(self.unet)
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        # Fixed noise per batch so val/loss is comparable across epochs (and sweep trials).
+        g = torch.Generator(device=batch.device).manual_seed(self.hparams.sample_seed + batch_idx)
+        z0 = self.encode(batch)
+        self.log("val/loss", self.diffusion_loss(z0, self.ema.module, generator=g), sync_dist=True, prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking or not self.trainer.is_global_zero or self.hparams.num_val_samples <= 0:
+            return
+        samples = self.sample(self.hparams.num_val_samples, self.hparams.val_inference_steps, self.hparams.sample_seed)
+        self.log("val/sample_mean", samples.mean(), rank_zero_only=True)
+        log_image_grid(self, "val/samples", samples)
+
+    @torch.no_grad()
+    def sample(self, n: int, num_inference_steps: int = 50, seed: int = 0) -> torch.Tensor:
+        """Unconditional DDIM samples from the EMA network, decoded to images in [0,1]."""
+        ddim = DDIMScheduler.from_config(self.noise_scheduler.config)
+        ddim.set_timesteps(num_inference_steps)
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        z = torch.randn((n, *self.sample_shape), generator=g).to(self.device)
+        for t in ddim.timesteps:
+            eps = self.ema.module(z, t.to(self.device)).sample
+            z = ddim.step(eps, t, z).prev_sample
+        return self.decode(z)
+
+    def configure_optimizers(self):
+        return adamw_warmup_cosine(
+            self.unet.parameters(),
+            lr=self.hparams.lr,
+            total_steps=self.trainer.estimated_stepping_batches,
+            warmup_steps=self.hparams.warmup_steps,
+            weight_decay=self.hparams.weight_decay,
+            min_lr_ratio=self.hparams.min_lr_ratio,
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[CKPT_KIND_KEY] = self.kind
+
+    def export_unet(self) -> UNet2DModel:
+        """The EMA network (what gets exported and sampled)."""
+        return self.ema.module
+
+
+class LatentDiffusionModule(DiffusionModule):
+    """DDPM on ``scaling_factor * VAE.encode(x)``.
+
+    ``scaling_factor`` is estimated at the start of training as 1/std of the training latents
+    (unit-variance latents suit the fixed DDPM noise schedule) unless given; it is a buffer, so it is
+    checkpointed and restored on resume, and written into the exported VAE's config.
+    """
+
+    kind = "latent"
+
+    def __init__(
+        self,
+        vae_path: str,
+        image_size: int = 256,
+        unet: dict | None = None,
+        scheduler: dict | None = None,
+        scaling_factor: float | None = None,
+        scale_estimation_batches: int = 8,
+        sample_posterior: bool = True,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 500,
+        min_lr_ratio: float = 0.1,
+        ema_decay: float = 0.999,
+        num_val_samples: int = 8,
+        val_inference_steps: int = 50,
+        sample_seed: int = 0,
+    ) -> None:
+        super().__init__(unet, scheduler, lr, weight_decay, warmup_steps, min_lr_ratio, ema_decay,
+                         num_val_samples, val_inference_steps, sample_seed)
+        self.save_hyperparameters()
+        self.vae: AutoencoderKL = load_vae(vae_path).eval().requires_grad_(False)
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if image_size % factor:
+            raise ValueError(f"image_size={image_size} not divisible by the VAE's downsampling {factor}")
+        self.latent_size = image_size // factor
+        self.register_buffer("scaling_factor", torch.tensor(float(scaling_factor or 0.0)))
+        self._init_networks(self.vae.config.latent_channels, self.latent_size)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return (self.vae.config.latent_channels, self.latent_size, self.latent_size)
+
+    def train(self, mode: bool = True) -> LatentDiffusionModule:
+        super().train(mode)
+        self.vae.eval()  # frozen
+        return self
+
+    def _raw_latents(self, x: torch.Tensor) -> torch.Tensor:
+        dist = self.vae.encode(to_model(x)).latent_dist
+        return dist.sample() if self.hparams.sample_posterior else dist.mode()
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self._raw_latents(x) * self.scaling_factor
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return from_model(self.vae.decode(z / self.scaling_factor).sample)
+
+    @torch.no_grad()
+    def estimate_scaling_factor(self, loader) -> float:
+        """1 / std of the latents of up to ``scale_estimation_batches`` batches (all ranks pooled)."""
+        s = torch.zeros(3, dtype=torch.float64, device=self.device)  # count, sum, sum of squares
+        for i, batch in enumerate(loader):
+            if i >= self.hparams.scale_estimation_batches:
+                break
+            z = self._raw_latents(batch.to(self.device)).double()
+            s += torch.stack([torch.tensor(z.numel(), dtype=torch.float64, device=self.device), z.sum(), (z**2).sum()])
+        if self.trainer is not None and self.trainer.world_size > 1:
+            s = self.trainer.strategy.reduce(s, reduce_op="sum")
+        if s[0] == 0:
+            raise ValueError("cannot estimate the latent scaling factor: the training dataloader is empty")
+        var = s[2] / s[0] - (s[1] / s[0]) ** 2
+        return float(1.0 / var.clamp_min(1e-12).sqrt())
+
+    def on_fit_start(self) -> None:
+        if float(self.scaling_factor) > 0:  # given, or restored from a checkpoint
+            return
+        dm = self.trainer.datamodule
+        loader = dm.train_dataloader() if dm is not None else self.trainer.fit_loop._data_source.dataloader()
+        sf = self.estimate_scaling_factor(loader)
+        self.scaling_factor.fill_(sf)
+        self.print(f"latent scaling factor estimated from training data: {sf:.5f}")
+
+    def export_vae(self) -> AutoencoderKL:
+        """The frozen VAE with the estimated scaling factor written into its diffusers config."""
+        self.vae.register_to_config(scaling_factor=float(self.scaling_factor))
+        return self.vae

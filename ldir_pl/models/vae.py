@@ -1,0 +1,238 @@
+"""Stage 1 of the prior: a 1-channel CT autoencoder (``diffusers.AutoencoderKL``) in Lightning."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from diffusers import AutoencoderKL
+from torchmetrics.functional import structural_similarity_index_measure
+
+from .images import log_image_grid
+from .schedules import adamw_warmup_cosine
+
+#: Images live in [0, 1]; the networks see ``SCALE * x + SHIFT`` in [-1, 1]. Stored in bundle metadata.
+INTENSITY_TRANSFORM = {"type": "affine", "scale": 2.0, "shift": -1.0, "data_range": [0.0, 1.0]}
+CKPT_KIND_KEY = "ldir_kind"
+
+
+def to_model(x: torch.Tensor) -> torch.Tensor:
+    return x * INTENSITY_TRANSFORM["scale"] + INTENSITY_TRANSFORM["shift"]
+
+
+def from_model(y: torch.Tensor) -> torch.Tensor:
+    return ((y - INTENSITY_TRANSFORM["shift"]) / INTENSITY_TRANSFORM["scale"]).clamp(0.0, 1.0)
+
+
+def _metrics():
+    """Per-image PSNR/SSIM: the project's ``ldir_pl.metrics`` when present, torchmetrics otherwise."""
+    try:
+        from ldir_pl.metrics import psnr, ssim
+
+        return psnr, ssim
+    except ImportError:  # pragma: no cover - only before the lead's metrics module exists
+        def psnr(x, ref):
+            mse = ((x - ref) ** 2).flatten(1).mean(1).clamp_min(1e-12)
+            return 10 * torch.log10(1.0 / mse)
+
+        def ssim(x, ref):
+            return structural_similarity_index_measure(x, ref, data_range=1.0, reduction="none")
+
+        return psnr, ssim
+
+
+def vae_channels(downsample_factor: int, base_channels: int = 64, max_mult: int = 4) -> list[int]:
+    """Encoder widths giving ``downsample_factor`` (one 2x downsample between consecutive levels)."""
+    levels = int(round(math.log2(downsample_factor)))
+    if downsample_factor < 1 or 2**levels != downsample_factor:
+        raise ValueError(f"model.vae.downsample_factor={downsample_factor}: must be a power of two (4 or 8)")
+    return [base_channels * min(2**i, max_mult) for i in range(levels + 1)]
+
+
+def build_autoencoder(
+    image_size: int = 256,
+    downsample_factor: int = 8,
+    block_out_channels: list[int] | None = None,
+    base_channels: int = 64,
+    latent_channels: int = 4,
+    layers_per_block: int = 1,
+    norm_num_groups: int = 32,
+    mid_block_add_attention: bool = True,
+    **_: Any,
+) -> AutoencoderKL:
+    """AutoencoderKL for 1-channel images; ``len(block_out_channels) - 1`` sets the downsampling."""
+    chans = list(block_out_channels) if block_out_channels else vae_channels(downsample_factor, base_channels)
+    if 2 ** (len(chans) - 1) != downsample_factor:
+        raise ValueError(
+            f"model.vae.block_out_channels={chans} gives downsampling {2 ** (len(chans) - 1)}, "
+            f"but model.vae.downsample_factor={downsample_factor}"
+        )
+    if image_size % downsample_factor:
+        raise ValueError(f"image_size={image_size} is not divisible by downsample_factor={downsample_factor}")
+    return AutoencoderKL(
+        in_channels=1,
+        out_channels=1,
+        down_block_types=["DownEncoderBlock2D"] * len(chans),
+        up_block_types=["UpDecoderBlock2D"] * len(chans),
+        block_out_channels=[int(c) for c in chans],
+        layers_per_block=int(layers_per_block),
+        latent_channels=int(latent_channels),
+        norm_num_groups=int(norm_num_groups),
+        sample_size=int(image_size),
+        scaling_factor=1.0,  # set from data by the latent stage
+        mid_block_add_attention=bool(mid_block_add_attention),
+    )
+
+
+class VAEModule(pl.LightningModule):
+    """Trains the autoencoder: L1 + ``kl_weight`` * KL (+ ``ssim_weight`` * (1 - SSIM)).
+
+    ``kl_weight`` multiplies the per-image summed KL relative to the per-image *summed* L1, as in the
+    LDM autoencoders (so 1e-6 means the same as there even though the L1 is logged as a mean).
+    """
+
+    kind = "vae"
+
+    def __init__(
+        self,
+        image_size: int = 256,
+        downsample_factor: int = 8,
+        block_out_channels: list[int] | None = None,
+        base_channels: int = 64,
+        latent_channels: int = 4,
+        layers_per_block: int = 1,
+        norm_num_groups: int = 32,
+        mid_block_add_attention: bool = True,
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+        kl_weight: float = 1e-6,
+        ssim_weight: float = 0.0,
+        num_val_images: int = 8,
+        train_crop: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.vae = build_autoencoder(**self.hparams)
+        self._val_images: list[torch.Tensor] = []
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def forward(self, x: torch.Tensor, sample_posterior: bool = False):
+        """Images in [0,1] -> (reconstruction in [0,1] model space [-1,1], posterior)."""
+        posterior = self.vae.encode(to_model(x)).latent_dist
+        z = posterior.sample() if sample_posterior else posterior.mode()
+        return self.vae.decode(z).sample, posterior
+
+    def _losses(self, x: torch.Tensor, sample_posterior: bool) -> dict[str, torch.Tensor]:
+        rec, posterior = self(x, sample_posterior)
+        target = to_model(x)
+        l1 = (rec - target).abs().mean()
+        kl = posterior.kl().mean() / target[0].numel()
+        loss = l1 + self.hparams.kl_weight * kl
+        out = {"l1": l1, "kl": kl, "rec": rec}
+        if self.hparams.ssim_weight > 0:
+            s = structural_similarity_index_measure(from_model(rec), x, data_range=1.0)
+            loss = loss + self.hparams.ssim_weight * (1.0 - s)
+            out["ssim"] = s
+        out["loss"] = loss
+        return out
+
+    def _random_crop(self, x: torch.Tensor) -> torch.Tensor:
+        """Random square crop (the autoencoder is convolutional): ~(H/crop)^2 cheaper steps on CPU."""
+        c = self.hparams.train_crop
+        if not c or c >= x.shape[-1]:
+            return x
+        if c % self.downsample_factor:
+            raise ValueError(f"model.vae.train_crop={c} must be a multiple of downsample_factor={self.downsample_factor}")
+        i, j = (int(v) for v in torch.randint(0, x.shape[-1] - c + 1, (2,)))
+        return x[..., i : i + c, j : j + c]
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        out = self._losses(self._random_crop(batch), sample_posterior=True)
+        self.log_dict({f"train/{k}": out[k] for k in ("loss", "l1", "kl")}, prog_bar=False)
+        self.log("train/loss_step", out["loss"], prog_bar=True, logger=False)
+        return out["loss"]
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        out = self._losses(batch, sample_posterior=False)
+        rec = from_model(out["rec"])
+        psnr, ssim = _metrics()
+        self.log("val/loss", out["loss"], sync_dist=True)
+        self.log("val/psnr", psnr(rec, batch).mean(), sync_dist=True, prog_bar=True)
+        self.log("val/ssim", ssim(rec, batch).mean(), sync_dist=True)
+        if batch_idx == 0:  # inputs over reconstructions, first validation batch
+            n = self.hparams.num_val_images
+            self._val_images = [batch[:n].detach().cpu(), rec[:n].detach().cpu()]
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val_images:
+            log_image_grid(self, "val/reconstructions", torch.cat(self._val_images), nrow=len(self._val_images[0]))
+        self._val_images = []
+
+    def configure_optimizers(self):
+        return adamw_warmup_cosine(
+            self.vae.parameters(),
+            lr=self.hparams.lr,
+            total_steps=self.trainer.estimated_stepping_batches,
+            warmup_steps=self.hparams.warmup_steps,
+            weight_decay=self.hparams.weight_decay,
+            min_lr_ratio=self.hparams.min_lr_ratio,
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[CKPT_KIND_KEY] = self.kind
+
+    def export(self, path: str | Path) -> Path:
+        """Write the autoencoder as a diffusers folder (what the latent stage loads)."""
+        path = Path(path)
+        self.vae.save_pretrained(path)
+        return path
+
+
+def _ckpt_kind(ckpt: dict) -> str | None:
+    return ckpt.get(CKPT_KIND_KEY) if isinstance(ckpt, dict) else None
+
+
+def load_vae(path: str | Path, map_location: str | torch.device = "cpu") -> AutoencoderKL:
+    """Load the stage-1 autoencoder from a diffusers ``vae`` folder, a prior bundle, or a VAE ``.ckpt``.
+
+    Anything else (missing path, a latent-diffusion checkpoint, a folder of another model) raises a
+    ``ValueError``/``FileNotFoundError`` naming the path, so the latent stage fails before training.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"VAE not found: {path} (run the 'vae' stage first or set model.ldm.vae_path)")
+    if path.is_dir():
+        if (path / "ldir_prior.json").exists():
+            if not (path / "vae").is_dir():
+                raise ValueError(f"{path} is a prior bundle without vae/ (a pixel-space prior?), not a VAE")
+            path = path / "vae"
+        cfg_file = path / "config.json"
+        if not cfg_file.exists():
+            raise ValueError(f"{path} is not a diffusers AutoencoderKL folder (no config.json)")
+        cls = json.loads(cfg_file.read_text()).get("_class_name")
+        if cls != "AutoencoderKL":
+            raise ValueError(f"{path} holds a diffusers {cls!r}, expected 'AutoencoderKL'")
+        return AutoencoderKL.from_pretrained(path).to(map_location)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - re-raised with the file named
+        raise ValueError(f"cannot read {path} as a torch checkpoint: {err}") from err
+    kind = _ckpt_kind(ckpt)
+    if kind != VAEModule.kind:
+        raise ValueError(
+            f"{path} is not a VAE checkpoint: it was written by a {kind or 'non-ldir'} module "
+            f"(expected {VAEModule.kind!r}); pass the stage-1 output (OUT/vae/model or OUT/vae/checkpoints/*.ckpt)"
+        )
+    vae = build_autoencoder(**ckpt["hyper_parameters"])
+    state = {k[len("vae."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("vae.")}
+    vae.load_state_dict(state)
+    return vae.to(map_location)

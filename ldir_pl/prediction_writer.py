@@ -1,0 +1,48 @@
+"""Writes each predict batch as it is produced (per rank), so long runs lose nothing and DDP shards merge."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from pytorch_lightning.callbacks import BasePredictionWriter
+
+from ldir_pl.report import rows_from_prediction, save_panel
+
+
+class ReconstructionWriter(BasePredictionWriter):
+    """Rows to ``parts/rank{r}.jsonl``, PNG panels of the first ``num_panels`` images, optional ``.npy`` images."""
+
+    def __init__(self, output_dir: str | Path, num_panels: int = 8, save_reconstructions: bool = True) -> None:
+        super().__init__(write_interval="batch")
+        self.out = Path(output_dir)
+        self.num_panels, self.save_reconstructions = int(num_panels), bool(save_reconstructions)
+        self._panels = 0
+
+    def part_path(self, rank: int) -> Path:
+        return self.out / "parts" / f"rank{rank}.jsonl"
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        path = self.part_path(trainer.global_rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+        self._panels = 0
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
+                           dataloader_idx) -> None:
+        with open(self.part_path(trainer.global_rank), "a") as f:
+            for row in rows_from_prediction(prediction):
+                f.write(json.dumps(row) + "\n")
+        for i, image_id in enumerate(prediction["id"]):
+            recons = {k: v[i, 0].numpy() for k, v in prediction["recon"].items()}
+            if self.save_reconstructions:
+                for method, img in recons.items():
+                    path = self.out / "reconstructions" / method / f"{image_id}.npy"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    np.save(path, img.astype(np.float32))
+            if trainer.global_rank == 0 and self._panels < self.num_panels:
+                truth = None if prediction["x"] is None else prediction["x"][i, 0].numpy()
+                metrics = {k: (m["psnr"][i], m["ssim"][i]) for k, m in prediction["metrics"].items()}
+                save_panel(self.out / "panels" / f"{image_id.replace('/', '_')}.png", image_id, truth, recons, metrics)
+                self._panels += 1

@@ -1,0 +1,113 @@
+"""``ldir-reconstruct``: reconstruct a data set from simulated or measured sinograms with one or more methods.
+
+    ldir-reconstruct data=dicom data.root=DIR physics.num_views=23 sampler=ldir prior.path=OUT/prior output_dir=RES
+
+Writes ``metrics.csv`` (per image and method), ``summary.json`` (per method: psnr, ssim, seconds_per_image,
+peak_mem_mb, n), PNG panels and the reconstructions; returns the main method's mean PSNR for sweeps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ldir_pl.conf_dir import CONF_DIR
+from ldir_pl.prediction_writer import ReconstructionWriter
+from ldir_pl.report import format_table, summarize, write_csv, write_json
+from ldir_pl.sampling.module import LDIRModule
+
+log = logging.getLogger(__name__)
+
+
+def build_methods(cfg: DictConfig) -> dict:
+    """The main ``sampler`` plus the named ``baselines`` (each a file of ``conf/sampler/``)."""
+    methods = {}
+    for name in cfg.get("baselines") or []:
+        path = CONF_DIR / "sampler" / f"{name}.yaml"
+        if not path.exists():
+            raise FileNotFoundError(f"baselines: no sampler config {path}")
+        sub = OmegaConf.load(path)
+        sub.pop("defaults", None)
+        root = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+        root._baseline = sub  # resolves ${prior.path}, ${seed}... against the run's config
+        method = instantiate(root._baseline)
+        methods[method.name] = method
+    main = instantiate(cfg.sampler)
+    methods.pop(main.name, None)
+    methods[main.name] = main  # the main method last: panels read left to right, baselines first
+    return methods
+
+
+def collect(output_dir: Path, world_size: int) -> list[dict]:
+    rows, seen = [], set()
+    for rank in range(world_size):
+        part = output_dir / "parts" / f"rank{rank}.jsonl"
+        for line in part.read_text().splitlines():
+            row = json.loads(line)
+            key = (row["id"], row["method"])
+            if key not in seen:  # distributed samplers may repeat an image to even out shards
+                seen.add(key)
+                rows.append(row)
+    return sorted(rows, key=lambda r: (r["method"], r["id"]))
+
+
+def run(cfg: DictConfig) -> dict[str, dict]:
+    """Reconstruct ``cfg.data`` with the configured methods; returns the summary (rank 0)."""
+    pl.seed_everything(cfg.seed, workers=True)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    physics = instantiate(cfg.physics)
+    datamodule = instantiate(cfg.data)
+    datamodule.attach_physics(physics)
+    methods = build_methods(cfg)  # priors load and are checked here, before any sampling
+    module = LDIRModule(methods, physics)
+    logger = instantiate(cfg.logger) if cfg.get("logger") and cfg.logger.get("_target_") else False
+    writer = ReconstructionWriter(out, cfg.num_panels, cfg.save_reconstructions)
+    trainer = pl.Trainer(**cfg.trainer, logger=logger, callbacks=[writer], inference_mode=False,
+                         enable_checkpointing=False, enable_model_summary=False)
+    trainer.predict(module, datamodule=datamodule, return_predictions=False)
+    trainer.strategy.barrier()
+    if trainer.global_rank != 0:
+        return {}
+    rows = collect(out, trainer.world_size)
+    summary = summarize(rows)
+    summary = {m: summary[m] for m in methods if m in summary}  # baselines first, the main method last
+    write_csv(rows, out / "metrics.csv")
+    write_json(summary, out / "summary.json")
+    write_json({"physics": physics.describe(), "methods": list(methods)}, out / "run_info.json")
+    title = f"{type(datamodule).__name__}: {physics.geometry.kind} beam, {physics.geometry.num_views} views"
+    print(format_table(summary, title))
+    if logger and hasattr(logger, "experiment") and type(logger).__name__ == "WandbLogger":
+        log_to_wandb(logger, summary, rows, out)
+    return summary
+
+
+def log_to_wandb(logger, summary: dict, rows: list[dict], out: Path) -> None:
+    import wandb
+
+    logger.log_metrics({f"{m}/{k}": v for m, s in summary.items() for k, v in s.items() if v is not None})
+    table = wandb.Table(columns=["id", "method", "psnr", "ssim", "panel"])
+    panels = {p.stem: p for p in (out / "panels").glob("*.png")}
+    for r in rows:
+        panel = panels.get(r["id"].replace("/", "_"))
+        table.add_data(r["id"], r["method"], r["psnr"], r["ssim"], wandb.Image(str(panel)) if panel else None)
+    logger.experiment.log({"reconstructions": table})
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="reconstruct")
+def main(cfg: DictConfig) -> float:
+    torch.set_float32_matmul_precision("high")
+    summary = run(cfg)
+    main_psnr = list(summary.values())[-1]["psnr"] if summary else None
+    return float("nan") if main_psnr is None else float(main_psnr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""History-gradient updaters for guided diffusion sampling (LDIR, arXiv 2307.12070).
+
+After each DDIM step the sampler moves the latent against the data-fidelity gradient ``g``:
+
+    z_{t-1} = z'_{t-1} - lr * d_k
+
+where ``d_k`` is built from the gradient *history*:
+
+* ``sgd``:      d_k = g_k                                   (latent DPS)
+* ``momentum``: b_k = mu b_{k-1} + g_k;  d_k = g_k + mu b_k  (Nesterov, PyTorch's formula)
+* ``adam``:     m_k = b1 m_{k-1} + (1-b1) g_k;  v_k = b2 v_{k-1} + (1-b2) g_k^2;
+                d_k = m_hat / (sqrt(v_hat) + eps)
+
+Adam's bias correction: ``"standard"`` divides by (1 - b^k); ``"constant"`` divides by the first
+step's factors (1 - b1), (1 - b2) at every step (a fixed rescaling, as in the LDIR paper's
+pseudo-code, which does not track k); ``"none"`` uses m, v as they are.
+
+State is kept per tensor element, so a batch of images is updated independently. Updaters are
+plain objects: ``reset()`` before sampling a new batch, then ``update(z, g, lr)`` once per step.
+``lr`` may be a float or a per-image tensor of shape (B,).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+OPTIMIZERS = ("adam", "momentum", "sgd")
+BIAS_CORRECTIONS = ("standard", "constant", "none")
+
+
+def _per_image(lr: float | Tensor, like: Tensor) -> float | Tensor:
+    if isinstance(lr, Tensor):
+        return lr.to(like).reshape(-1, *([1] * (like.ndim - 1)))
+    return float(lr)
+
+
+class HistoryUpdater:
+    """Base class: plain gradient step (SGD)."""
+
+    name = "sgd"
+
+    def __init__(self) -> None:
+        self.k = 0
+
+    def reset(self) -> None:
+        self.k = 0
+
+    def direction(self, g: Tensor) -> Tensor:
+        self.k += 1
+        return g
+
+    def update(self, z: Tensor, g: Tensor, lr: float | Tensor) -> Tensor:
+        """``z - lr * direction(g)`` (no in-place change of ``z``)."""
+        return z - _per_image(lr, z) * self.direction(g)
+
+
+class SGD(HistoryUpdater):
+    name = "sgd"
+
+
+class Momentum(HistoryUpdater):
+    """Heavy-ball buffer with Nesterov look-ahead (``nesterov=False`` gives classical momentum)."""
+
+    name = "momentum"
+
+    def __init__(self, mu: float = 0.9, nesterov: bool = True) -> None:
+        super().__init__()
+        if not 0.0 <= mu < 1.0:
+            raise ValueError(f"momentum={mu}: must be in [0, 1)")
+        self.mu, self.nesterov = float(mu), bool(nesterov)
+        self.buf: Tensor | None = None
+
+    def reset(self) -> None:
+        super().reset()
+        self.buf = None
+
+    def direction(self, g: Tensor) -> Tensor:
+        self.k += 1
+        self.buf = g.clone() if self.buf is None else self.mu * self.buf + g
+        return g + self.mu * self.buf if self.nesterov else self.buf
+
+
+class Adam(HistoryUpdater):
+    name = "adam"
+
+    def __init__(self, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+                 bias_correction: str = "standard") -> None:
+        super().__init__()
+        if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+            raise ValueError(f"adam betas ({beta1}, {beta2}) must be in [0, 1)")
+        if bias_correction not in BIAS_CORRECTIONS:
+            raise ValueError(f"bias_correction={bias_correction!r}: expected one of {BIAS_CORRECTIONS}")
+        self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
+        self.bias_correction = bias_correction
+        self.m: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def reset(self) -> None:
+        super().reset()
+        self.m = self.v = None
+
+    def direction(self, g: Tensor) -> Tensor:
+        self.k += 1
+        if self.m is None:
+            self.m, self.v = torch.zeros_like(g), torch.zeros_like(g)
+        self.m = self.beta1 * self.m + (1 - self.beta1) * g
+        self.v = self.beta2 * self.v + (1 - self.beta2) * g * g
+        if self.bias_correction == "standard":
+            c1, c2 = 1 - self.beta1**self.k, 1 - self.beta2**self.k
+        elif self.bias_correction == "constant":
+            c1, c2 = 1 - self.beta1, 1 - self.beta2
+        else:
+            c1 = c2 = 1.0
+        return (self.m / c1) / ((self.v / c2).sqrt() + self.eps)
+
+
+def make_updater(optimizer: str = "adam", beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+                 momentum: float = 0.9, bias_correction: str = "standard") -> HistoryUpdater:
+    """Updater by name: ``adam`` | ``momentum`` (Nesterov) | ``sgd``."""
+    if optimizer == "adam":
+        return Adam(beta1, beta2, eps, bias_correction)
+    if optimizer == "momentum":
+        return Momentum(momentum, nesterov=True)
+    if optimizer == "sgd":
+        return SGD()
+    raise ValueError(f"optimizer={optimizer!r}: expected one of {OPTIMIZERS}")
+
+
+def step_size_schedule(kind: str, lr: float, i: int, n: int, alpha_bar: float | None = None,
+                       end_ratio: float = 0.0) -> float:
+    """Step size at sampling step ``i`` of ``n``.
+
+    ``constant``: lr. ``linear``: lr decays linearly to ``end_ratio * lr`` at the last step.
+    ``cosine``: the same with a cosine shape. ``sqrt_one_minus_alpha_bar``: lr * sqrt(1 - alpha_bar_t)
+    (large steps while the sample is noisy, vanishing at the end).
+    """
+    frac = i / max(1, n - 1)
+    if kind == "constant":
+        return lr
+    if kind == "linear":
+        return lr * (1.0 - (1.0 - end_ratio) * frac)
+    if kind == "cosine":
+        return lr * (end_ratio + (1.0 - end_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac)))
+    if kind == "sqrt_one_minus_alpha_bar":
+        if alpha_bar is None:
+            raise ValueError("step_schedule='sqrt_one_minus_alpha_bar' needs alpha_bar")
+        return lr * math.sqrt(max(0.0, 1.0 - alpha_bar))
+    raise ValueError(f"step_schedule={kind!r}: expected constant | linear | cosine | sqrt_one_minus_alpha_bar")
+
+
+STEP_SCHEDULES = ("constant", "linear", "cosine", "sqrt_one_minus_alpha_bar")
+__all__ = ["Adam", "HistoryUpdater", "Momentum", "SGD", "OPTIMIZERS", "STEP_SCHEDULES", "make_updater",
+           "step_size_schedule"]

@@ -1,0 +1,261 @@
+"""LDIR: Latent Diffusion Iterative Reconstruction (arXiv 2307.12070), and latent DPS as its SGD preset.
+
+Per DDIM step t -> t' (``alpha`` = alpha_bar):
+
+    out      = UNet(z_t, t)                                   (epsilon / v / sample prediction)
+    z0_hat   = (z_t - sqrt(1 - a_t) eps) / sqrt(a_t)           (optionally clamped)
+    x0_hat   = T^{-1}(D(z0_hat / s))                            (decoder, intensity transform inverted)
+    L        = ||y - A x0_hat||_p (^p)                          (``DataFidelity``)
+    g        = dL/dz_t   (through UNet and decoder)   or   dL/dz0_hat   (``grad_wrt='z0'``)
+    z'_{t'}  = sqrt(a_t') z0_hat + sqrt(1 - a_t' - sigma^2) eps + sigma n     (DDIM, eta)
+    z_{t'}   = z'_{t'} - lr_k * d_k(g_1..g_k)                   (history update: adam | momentum | sgd)
+
+then x = T^{-1}(D(z_0 / s)), optionally refined in pixel space (``refine``) and clamped to [0, 1].
+A pixel prior (``kind='pixel'``) works with the same loop: D is the identity and z lives in image space
+(``PixelDPSSampler``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ldir_pl.physics import image_seed
+from ldir_pl.sampling.fidelity import DataFidelity
+from ldir_pl.sampling.history import OPTIMIZERS, STEP_SCHEDULES, make_updater, step_size_schedule
+from ldir_pl.sampling.prior_loading import intensity_transform, resolve_prior
+from ldir_pl.sampling.refine import REFINE_METHODS, refine
+
+GRAD_WRT = ("zt", "z0")
+
+
+def _auto_device(device: Any) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(str(device))
+
+
+class LDIRSampler:
+    """Guided DDIM over a diffusion prior's latent with a history-gradient data-fidelity update.
+
+    Args:
+        prior: bundle folder (loaded with ``load_prior``) or a ``PriorBundle``.
+        num_steps, eta: DDIM steps and stochasticity (0 = deterministic DDIM, 1 = DDPM-like).
+        timestep_spacing: diffusers spacing; ``trailing`` starts at t = T-1 (pure noise).
+        lr, step_schedule, lr_end_ratio: guidance step size and its schedule
+            (``constant`` | ``linear`` | ``cosine`` | ``sqrt_one_minus_alpha_bar``).
+        optimizer: history update, ``adam`` (LDIR) | ``momentum`` (Nesterov) | ``sgd`` (latent DPS).
+        beta1, beta2, adam_eps, bias_correction, momentum: updater settings.
+        grad_wrt: ``zt`` (through UNet and decoder, as the authors) or ``z0`` (decoder only: cheaper).
+        p, squared, normalize: data-fidelity ||y - A x||_p (see ``DataFidelity``).
+        clamp_z0: clamp the predicted clean latent to [-c, c] (None: no clamp).
+        refine, refine_iters, refine_lam: final pixel-space data consistency (``cg`` | ``gd`` | ``none``).
+        seed: global seed; each image's noise comes from ``image_seed(seed, id)``.
+        device: ``cpu`` / ``cuda`` / None (auto).
+        progress: tqdm bar over sampling steps.
+        batch_size: split large batches into chunks of this size (None: all at once).
+        guidance_every: guide every k-th step only (counted back from the last step, which is always
+            guided); the other steps are plain DDIM steps costing one UNet forward. Saves decoder passes.
+    """
+
+    expected_kind: str | None = "latent"
+
+    def __init__(
+        self,
+        prior: Any,
+        num_steps: int = 20,
+        eta: float = 0.0,
+        timestep_spacing: str = "trailing",
+        lr: float = 0.1,
+        step_schedule: str = "linear",
+        lr_end_ratio: float = 0.1,
+        optimizer: str = "adam",
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        adam_eps: float = 1e-8,
+        bias_correction: str = "standard",
+        momentum: float = 0.9,
+        grad_wrt: str = "zt",
+        p: int = 2,
+        squared: bool = True,
+        normalize: bool = False,
+        clamp_z0: float | None = None,
+        refine: str = "cg",
+        refine_iters: int = 10,
+        refine_lam: float = 0.02,
+        seed: int = 0,
+        device: Any = None,
+        progress: bool = True,
+        batch_size: int | None = None,
+        guidance_every: int = 1,
+        name: str = "ldir",
+    ) -> None:
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"sampler.optimizer={optimizer!r}: expected one of {OPTIMIZERS}")
+        if step_schedule not in STEP_SCHEDULES:
+            raise ValueError(f"sampler.step_schedule={step_schedule!r}: expected one of {STEP_SCHEDULES}")
+        if grad_wrt not in GRAD_WRT:
+            raise ValueError(f"sampler.grad_wrt={grad_wrt!r}: expected one of {GRAD_WRT}")
+        if refine not in REFINE_METHODS:
+            raise ValueError(f"sampler.refine={refine!r}: expected one of {REFINE_METHODS}")
+        if int(num_steps) < 1:
+            raise ValueError(f"sampler.num_steps={num_steps}: need at least one step")
+        if not 0.0 <= float(eta) <= 1.0:
+            raise ValueError(f"sampler.eta={eta}: expected a value in [0, 1]")
+        self.name = str(name)
+        self.device = _auto_device(device)
+        self.prior = resolve_prior(prior, self.device, kind=self.expected_kind)
+        self.num_steps, self.eta, self.timestep_spacing = int(num_steps), float(eta), str(timestep_spacing)
+        self.lr, self.step_schedule, self.lr_end_ratio = float(lr), step_schedule, float(lr_end_ratio)
+        self.updater_kwargs = dict(optimizer=optimizer, beta1=beta1, beta2=beta2, eps=adam_eps, momentum=momentum,
+                                   bias_correction=bias_correction)
+        make_updater(**self.updater_kwargs)  # validate now
+        self.optimizer = optimizer
+        self.grad_wrt = grad_wrt
+        self.fidelity = DataFidelity(p, squared, normalize)
+        self.clamp_z0 = None if clamp_z0 is None else float(clamp_z0)
+        self.refine_method, self.refine_iters, self.refine_lam = refine, int(refine_iters), float(refine_lam)
+        self.seed = int(seed)
+        self.progress = bool(progress)
+        self.batch_size = None if batch_size in (None, 0) else int(batch_size)
+        if int(guidance_every) < 1:
+            raise ValueError(f"sampler.guidance_every={guidance_every}: must be >= 1")
+        self.guidance_every = int(guidance_every)
+        self.scale, self.shift = intensity_transform(getattr(self.prior, "metadata", {}))
+        self.scaling_factor = float(self.prior.scaling_factor) if self.prior.kind == "latent" else 1.0
+        self.latent_shape = tuple(int(s) for s in self.prior.latent_shape)
+        from diffusers import DDIMScheduler
+
+        self.scheduler = DDIMScheduler.from_config(
+            self.prior.scheduler.config, clip_sample=False, timestep_spacing=self.timestep_spacing
+        )
+        self.prediction_type = self.scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"prior scheduler prediction_type={self.prediction_type!r} is not supported")
+
+    # ------------------------------------------------------------------ model pieces
+    def decode(self, z: Tensor) -> Tensor:
+        """Latent (scaled) -> image in [0, 1] space (not clamped, so gradients survive)."""
+        if self.prior.kind == "latent":
+            out = self.prior.vae.decode(z / self.scaling_factor).sample
+        else:
+            out = z
+        return (out - self.shift) / self.scale
+
+    def _predict(self, z: Tensor, t: int, a_t: float) -> tuple[Tensor, Tensor]:
+        """(eps, z0_hat) from the UNet output at timestep ``t``."""
+        tt = torch.full((z.shape[0],), int(t), device=z.device, dtype=torch.long)
+        out = self.prior.unet(z, tt).sample
+        sa, s1a = math.sqrt(a_t), math.sqrt(1.0 - a_t)
+        if self.prediction_type == "epsilon":
+            eps = out
+            z0 = (z - s1a * eps) / sa
+        elif self.prediction_type == "v_prediction":
+            z0 = sa * z - s1a * out
+            eps = sa * out + s1a * z
+        else:
+            z0 = out
+            eps = (z - sa * z0) / max(s1a, 1e-12)
+        if self.clamp_z0 is not None:
+            z0 = z0.clamp(-self.clamp_z0, self.clamp_z0)
+            eps = (z - sa * z0) / max(s1a, 1e-12)
+        return eps, z0
+
+    # ------------------------------------------------------------------ validation
+    def _validate(self, y: Tensor, physics, ids: Sequence) -> None:
+        size = int(self.prior.image_size)
+        if tuple(physics.image_shape) != (size, size):
+            raise ValueError(
+                f"{self.name}: the prior was trained on {size}x{size} images, but the physics reconstructs "
+                f"{physics.image_shape[0]}x{physics.image_shape[1]} images; set physics.image_size={size} or use "
+                "a prior trained at the physics' size"
+            )
+        if y.ndim != 4 or y.shape[1] != 1:
+            raise ValueError(f"{self.name}: measurements must be (B,1,V,D), got {tuple(y.shape)}")
+        physics.check_sinogram(y, source=f"{self.name} input")
+        if len(ids) != y.shape[0]:
+            raise ValueError(f"{self.name}: {len(ids)} image ids for a batch of {y.shape[0]} measurements")
+
+    # ------------------------------------------------------------------ sampling
+    def reconstruct(self, y: Tensor, physics, ids: Sequence[int | str]) -> Tensor:
+        ids = list(ids)
+        self._validate(y, physics, ids)
+        with torch.inference_mode(False), torch.enable_grad():
+            y = y.detach().clone().to(self.device, torch.float32)
+            if self.batch_size is None or y.shape[0] <= self.batch_size:
+                return self._reconstruct(y, physics, ids)
+            outs = [self._reconstruct(y[i:i + self.batch_size], physics, ids[i:i + self.batch_size])
+                    for i in range(0, y.shape[0], self.batch_size)]
+            return torch.cat(outs)
+
+    def initial_noise(self, ids: Sequence) -> tuple[Tensor, list[torch.Generator]]:
+        gens = [torch.Generator().manual_seed(image_seed(self.seed, i)) for i in ids]
+        z = torch.stack([torch.randn(self.latent_shape, generator=g) for g in gens])
+        return z.to(self.device), gens
+
+    def _ddim_sigma(self, a_t: float, a_prev: float) -> float:
+        if self.eta == 0.0:
+            return 0.0
+        return self.eta * math.sqrt((1 - a_prev) / (1 - a_t)) * math.sqrt(max(0.0, 1 - a_t / a_prev))
+
+    def _reconstruct(self, y: Tensor, physics, ids: list) -> Tensor:
+        from tqdm.auto import tqdm
+
+        sched = self.scheduler
+        sched.set_timesteps(self.num_steps, device="cpu")
+        timesteps = [int(t) for t in sched.timesteps]
+        alphas = sched.alphas_cumprod.double()
+        final_alpha = float(sched.final_alpha_cumprod)
+        updater = make_updater(**self.updater_kwargs)
+        z, gens = self.initial_noise(ids)
+        n = len(timesteps)
+        self.last_losses: list[list[float]] = []
+        for i, t in enumerate(tqdm(timesteps, desc=self.name, disable=not self.progress, leave=False)):
+            a_t = float(alphas[t])
+            a_prev = float(alphas[timesteps[i + 1]]) if i + 1 < n else final_alpha
+            lr = step_size_schedule(self.step_schedule, self.lr, i, n, alpha_bar=a_t, end_ratio=self.lr_end_ratio)
+            if (n - 1 - i) % self.guidance_every:
+                lr = 0.0
+            if self.grad_wrt == "zt" and lr != 0.0:
+                z_in = z.detach().requires_grad_(True)
+                eps, z0 = self._predict(z_in, t, a_t)
+                var = z_in
+                z0_g = z0
+            else:
+                with torch.no_grad():
+                    eps, z0 = self._predict(z, t, a_t)
+                var = z0_g = z0.detach().requires_grad_(lr != 0.0)
+            if lr != 0.0:
+                loss = self.fidelity(y, physics.A(self.decode(z0_g).float()))
+                (g,) = torch.autograd.grad(loss.sum(), var)
+                self.last_losses.append(loss.detach().cpu().tolist())
+            else:
+                g = None
+            eps, z0 = eps.detach(), z0.detach()
+            sigma = self._ddim_sigma(a_t, a_prev)
+            z_prev = math.sqrt(a_prev) * z0 + math.sqrt(max(0.0, 1 - a_prev - sigma**2)) * eps
+            if sigma > 0:
+                noise = torch.stack([torch.randn(self.latent_shape, generator=gen) for gen in gens]).to(z_prev)
+                z_prev = z_prev + sigma * noise
+            if g is not None:
+                z_prev = updater.update(z_prev, g.detach(), lr)
+            z = z_prev.detach()
+        with torch.no_grad():
+            x = self.decode(z).float()
+        return refine(x, y, physics, method=self.refine_method, iters=self.refine_iters, lam_rel=self.refine_lam)
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name, "num_steps": self.num_steps, "eta": self.eta, "lr": self.lr,
+            "step_schedule": self.step_schedule, "optimizer": self.optimizer, "grad_wrt": self.grad_wrt,
+            "fidelity": self.fidelity.describe(), "clamp_z0": self.clamp_z0,
+            "refine": {"method": self.refine_method, "iters": self.refine_iters, "lam": self.refine_lam},
+            "guidance_every": self.guidance_every, "seed": self.seed, "prior_kind": self.prior.kind,
+        }
+
+
+__all__ = ["LDIRSampler", "GRAD_WRT"]

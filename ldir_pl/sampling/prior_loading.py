@@ -1,0 +1,46 @@
+"""Resolve a sampler's ``prior`` argument (bundle folder or a loaded ``PriorBundle``) with clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def resolve_prior(prior: Any, device: torch.device | str = "cpu", kind: str | None = None):
+    """A ``PriorBundle`` on ``device``; paths are loaded with ``ldir_pl.models.bundle.load_prior``."""
+    if prior is None:
+        raise ValueError("sampler.prior is not set: give the prior bundle folder (prior.path=...)")
+    if isinstance(prior, (str, Path)):
+        path = Path(str(prior)).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"prior bundle not found: {path} (set prior.path / prior.pixel_path to the "
+                                    "folder written by training, the one holding ldir_prior.json)")
+        from ldir_pl.models.bundle import load_prior  # lazy: keeps the sampling package import light
+
+        bundle = load_prior(path, device=device)
+    else:
+        bundle = prior
+    for attr in ("unet", "scheduler", "kind", "image_size"):
+        if not hasattr(bundle, attr):
+            raise TypeError(f"sampler.prior: expected a bundle path or a PriorBundle, got {type(prior).__name__}")
+    if kind is not None and bundle.kind != kind:
+        raise ValueError(f"this sampler needs a {kind!r} prior, but the bundle holds a {bundle.kind!r} prior")
+    if bundle.kind == "latent" and bundle.vae is None:
+        raise ValueError("latent prior bundle has no VAE")
+    bundle.unet.to(device).eval().requires_grad_(False)
+    if bundle.vae is not None:
+        bundle.vae.to(device).eval().requires_grad_(False)
+    return bundle
+
+
+def intensity_transform(metadata: dict | None) -> tuple[float, float]:
+    """(scale, shift) with network space = scale * x + shift, x in [0, 1] (default 2x - 1)."""
+    t = (metadata or {}).get("intensity_transform") or {}
+    if t.get("type", "affine") != "affine":
+        raise ValueError(f"unsupported intensity transform in the prior metadata: {t}")
+    return float(t.get("scale", 2.0)), float(t.get("shift", -1.0))
+
+
+__all__ = ["intensity_transform", "resolve_prior"]

@@ -1,0 +1,311 @@
+"""``ldir-train``: train the prior (VAE, latent DDPM, pixel DDPM) with Lightning, configured by Hydra.
+
+``stage=prior`` (default) trains the VAE, then the latent DDPM on it, and exports the bundle to
+``stages.ldm.export_dir`` (``OUT/prior``). ``stage=vae|ldm|pixel_ddpm`` runs one stage. The Hydra app
+returns the stage's validation metric so ``-m`` sweeps (e.g. ``hparams_search=vae_optuna``) can optimise it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ldir_pl.models.bundle import save_prior
+from ldir_pl.models.vae import CKPT_KIND_KEY, INTENSITY_TRANSFORM
+
+log = logging.getLogger(__name__)
+
+#: Top-level ``conf/`` of the repository (configs live outside the package; see docs/training.md).
+CONF_DIR = Path(os.environ.get("LDIR_CONF_DIR", Path(__file__).resolve().parents[1] / "conf"))
+STAGES = ("vae", "ldm", "pixel_ddpm", "prior")
+#: stage -> (model config key, checkpoint kind, default metric, metric mode)
+STAGE_INFO = {
+    "vae": ("vae", "vae", "val/psnr", "max"),
+    "ldm": ("ldm", "latent", "val/loss", "min"),
+    "pixel_ddpm": ("pixel_ddpm", "pixel", "val/loss", "min"),
+}
+
+
+def _plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+
+
+def stage_metric(cfg: DictConfig, stage: str) -> tuple[str, str]:
+    """(metric, mode) a stage reports: ``optimized_metric`` if set, else the stage default."""
+    _, _, metric, mode = STAGE_INFO[stage]
+    if cfg.get("optimized_metric"):
+        metric = cfg.optimized_metric
+        mode = cfg.get("optimized_mode") or ("max" if any(k in metric for k in ("psnr", "ssim")) else "min")
+    return metric, mode
+
+
+def checkpoint_kind(path: str | Path) -> str | None:
+    """The ``ldir_kind`` stored in a Lightning checkpoint (read with ``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - re-raised naming the file
+        raise ValueError(f"ckpt_path={path}: not a readable torch checkpoint ({err})") from err
+    return ckpt.get(CKPT_KIND_KEY) if isinstance(ckpt, dict) else None
+
+
+def _stage_section(cfg: DictConfig, stage: str) -> DictConfig:
+    return cfg.stages.get(stage) or OmegaConf.create({})
+
+
+def _merged(base: DictConfig, extra: Any) -> DictConfig:
+    return OmegaConf.merge(base, extra or {})
+
+
+def _callbacks(cfg: DictConfig, stage: str, stage_dir: Path, has_logger: bool) -> list[pl.Callback]:
+    metric, mode = stage_metric(cfg, stage)
+    callbacks = []
+    for name, cb_cfg in (cfg.get("callbacks") or {}).items():
+        if not isinstance(cb_cfg, DictConfig) or "_target_" not in cb_cfg:
+            continue
+        cb_cfg = OmegaConf.create(_plain(cb_cfg))
+        if cb_cfg._target_.endswith("LearningRateMonitor") and not has_logger:
+            continue  # Lightning refuses it without a logger
+        if cb_cfg._target_.endswith("ModelCheckpoint"):
+            with open_dict(cb_cfg):
+                cb_cfg.dirpath = cb_cfg.get("dirpath") or str(stage_dir / "checkpoints")
+                if cb_cfg.get("monitor") is None:
+                    cb_cfg.monitor, cb_cfg.mode = metric, mode
+        callbacks.append(hydra.utils.instantiate(cb_cfg))
+        log.debug("callback %s: %s", name, type(callbacks[-1]).__name__)
+    return callbacks
+
+
+def _logger(cfg: DictConfig, stage: str, stage_dir: Path):
+    lcfg = cfg.get("logger")
+    if not lcfg or "_target_" not in lcfg:
+        return False
+    target = lcfg._target_
+    extra: dict[str, Any] = {}
+    if target.endswith("WandbLogger"):
+        extra = {"name": f"{cfg.experiment_name}-{stage}", "job_type": stage}
+    elif target.endswith(("CSVLogger", "TensorBoardLogger")):
+        extra = {"save_dir": str(stage_dir), "name": "logs"}
+    logger = hydra.utils.instantiate(lcfg, **extra)
+    logger.log_hyperparams({"run_config": _plain(cfg)})  # the whole Hydra config, next to the module's hparams
+    return logger
+
+
+def _finish_logger(trainer: pl.Trainer) -> None:
+    """Close the W&B run so the next stage starts its own."""
+    for lg in trainer.loggers:
+        if type(lg).__name__ == "WandbLogger" and trainer.is_global_zero:
+            lg.experiment.finish()
+
+
+def _log_artifact(trainer: pl.Trainer, path: Path, name: str, kind: str) -> None:
+    for lg in trainer.loggers:
+        if type(lg).__name__ == "WandbLogger" and trainer.is_global_zero:
+            import wandb
+
+            art = wandb.Artifact(name=name, type=kind)
+            art.add_dir(str(path))
+            lg.experiment.log_artifact(art)
+
+
+def _images_per_second(trainer: pl.Trainer, batch_size: int, seconds: float) -> float:
+    return trainer.global_step * batch_size * trainer.world_size / max(seconds, 1e-9)
+
+
+def fit_stage(cfg: DictConfig, stage: str, ckpt_path: str | None = None, **model_overrides: Any) -> dict:
+    """Train one stage; returns ``{"module", "trainer", "metric", "value", "images_per_s", "seconds"}``."""
+    model_key, kind, _, _ = STAGE_INFO[stage]
+    section = _stage_section(cfg, stage)
+    stage_dir = Path(cfg.output_dir) / stage
+    pl.seed_everything(int(cfg.seed) + list(STAGE_INFO).index(stage), workers=True)
+
+    data_cfg = _merged(cfg.data, section.get("data"))
+    model_cfg = OmegaConf.merge(cfg.model[model_key], model_overrides)
+    trainer_cfg = _merged(cfg.trainer, section.get("trainer"))
+    # Everything that can fail on a bad setting (missing VAE, wrong checkpoint kind) fails here,
+    # before the trainer starts.
+    if ckpt_path and ckpt_path != "last":
+        found = checkpoint_kind(ckpt_path)
+        if found != kind:
+            raise ValueError(f"ckpt_path={ckpt_path} holds a {found or 'non-ldir'} checkpoint; stage {stage!r} needs {kind!r}")
+    module = hydra.utils.instantiate(model_cfg, _convert_="all")
+    datamodule = hydra.utils.instantiate(data_cfg, _convert_="all")
+    logger = _logger(cfg, stage, stage_dir)
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        trainer_cfg,
+        default_root_dir=str(stage_dir),
+        callbacks=_callbacks(cfg, stage, stage_dir, has_logger=bool(logger)),
+        logger=logger,
+        _convert_="all",
+    )
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
+    seconds = time.perf_counter() - start
+    metric, _ = stage_metric(cfg, stage)
+    value = trainer.callback_metrics.get(metric)
+    result = {
+        "module": module,
+        "trainer": trainer,
+        "metric": metric,
+        "value": float(value) if value is not None else float("nan"),
+        "seconds": seconds,
+        "images_per_s": _images_per_second(trainer, int(data_cfg.batch_size), seconds),
+    }
+    log.info("stage %s: %s=%.4f, %.1f s, %.2f images/s (incl. validation)", stage, metric, result["value"],
+             seconds, result["images_per_s"])
+    return result
+
+
+def _load_best(module: pl.LightningModule, trainer: pl.Trainer) -> None:
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if best and Path(best).is_file():
+        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+        log.info("restored best checkpoint %s", best)
+
+
+def _metadata(cfg: DictConfig, results: dict[str, dict]) -> dict:
+    return {
+        "image_size": int(cfg.data.image_size),
+        "intensity_transform": INTENSITY_TRANSFORM,
+        "experiment": cfg.experiment_name,
+        "validation": {s: {r["metric"]: r["value"]} for s, r in results.items()},
+        "images_per_s": {s: r["images_per_s"] for s, r in results.items()},
+        "train_seconds": {s: r["seconds"] for s, r in results.items()},
+        "training_config": _plain(cfg),
+    }
+
+
+def _run_vae(cfg: DictConfig, ckpt_path: str | None, results: dict) -> Path:
+    res = fit_stage(cfg, "vae", ckpt_path)
+    results["vae"] = res
+    trainer, module = res["trainer"], res["module"]
+    export = Path(cfg.stages.vae.export_dir)
+    if trainer.is_global_zero:
+        _load_best(module, trainer)
+        module.export(export)
+        _log_artifact(trainer, export, f"vae-{cfg.experiment_name}", "model")
+        log.info("VAE exported to %s", export)
+    trainer.strategy.barrier("vae-export")
+    _finish_logger(trainer)
+    return export
+
+
+def _run_diffusion(cfg: DictConfig, stage: str, ckpt_path: str | None, results: dict, **overrides: Any) -> Path:
+    res = fit_stage(cfg, stage, ckpt_path, **overrides)
+    results[stage] = res
+    trainer, module = res["trainer"], res["module"]
+    export = Path(_stage_section(cfg, stage).export_dir)
+    if trainer.is_global_zero:
+        vae = module.export_vae() if stage == "ldm" else None
+        meta = _metadata(cfg, results)
+        if vae is not None:
+            meta["scaling_factor"] = float(module.scaling_factor)
+        save_prior(export, vae, module.export_unet(), module.noise_scheduler, meta)
+        _log_artifact(trainer, export, f"prior-{cfg.experiment_name}-{stage}", "prior")
+        log.info("prior bundle exported to %s", export)
+    trainer.strategy.barrier("prior-export")
+    _finish_logger(trainer)
+    return export
+
+
+def run(cfg: DictConfig) -> tuple[Path, float]:
+    """Run ``cfg.stage``; returns (main output folder, validation metric of the last stage)."""
+    stage = cfg.stage
+    if stage not in STAGES:
+        raise ValueError(f"stage={stage!r}: expected one of {STAGES}")
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+    torch.set_float32_matmul_precision("high")
+    ckpt = cfg.get("ckpt_path")
+    ckpt = str(ckpt) if ckpt else None
+    results: dict[str, dict] = {}
+    if stage == "vae":
+        out = _run_vae(cfg, ckpt, results)
+    elif stage == "ldm":
+        out = _run_diffusion(cfg, "ldm", ckpt, results)
+    elif stage == "pixel_ddpm":
+        out = _run_diffusion(cfg, "pixel_ddpm", ckpt, results)
+    else:  # prior: an explicit checkpoint resumes the stage of its kind
+        kind = checkpoint_kind(ckpt) if ckpt and ckpt != "last" else None
+        if kind not in (None, "vae", "latent"):
+            raise ValueError(f"ckpt_path={ckpt} holds a {kind!r} checkpoint; stage=prior resumes 'vae' or 'latent' ones")
+        vae_ckpt = ckpt if ckpt == "last" or kind == "vae" else None
+        ldm_ckpt = ckpt if ckpt == "last" or kind == "latent" else None
+        vae_export = Path(cfg.stages.vae.export_dir)
+        if kind == "latent":  # stage 1 is done; its export must exist
+            if not vae_export.exists():
+                raise FileNotFoundError(f"resuming the latent stage needs the stage-1 VAE at {vae_export}")
+        else:
+            vae_export = _run_vae(cfg, vae_ckpt, results)
+        out = _run_diffusion(cfg, "ldm", ldm_ckpt, results, vae_path=str(vae_export))
+    last = results[list(results)[-1]]
+    return out, last["value"]
+
+
+def train_prior(cfg: DictConfig) -> Path:
+    """Train what ``cfg.stage`` says (default: VAE + latent DDPM) and return the exported folder.
+
+    Outside a Hydra app (compose API) the config is saved as ``output_dir/config.yaml``.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, Path(cfg.output_dir) / "config.yaml")
+    return run(cfg)[0]
+
+
+def compose_config(overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
+    """The training config as ``ldir-train`` would see it, without starting a Hydra app."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
+def train_demo_prior(output_dir: str | Path, overrides: Sequence[str] = ()) -> Path:
+    """Train the ``demo`` experiment's prior into ``output_dir``; returns ``output_dir/prior``."""
+    cfg = compose_config(["experiment=demo", f"output_dir={Path(output_dir).resolve()}", *overrides])
+    return train_prior(cfg)
+
+
+def _check_conf_dir() -> None:
+    if not (CONF_DIR / "train.yaml").exists():
+        raise FileNotFoundError(
+            f"training configs not found at {CONF_DIR}: run from a checkout/editable install, "
+            "set LDIR_CONF_DIR, or pass --config-dir"
+        )
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def _hydra_main(cfg: DictConfig) -> float:
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():  # in multirun each job writes into its own folder
+        with open_dict(cfg):
+            cfg.output_dir = HydraConfig.get().runtime.output_dir
+    out, value = run(cfg)
+    log.info("done: %s (%s)", out, value)
+    return value
+
+
+def main() -> float | None:
+    """Console-script entry point (``ldir-train``)."""
+    _check_conf_dir()
+    return _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

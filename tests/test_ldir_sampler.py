@@ -1,0 +1,201 @@
+"""LDIR sampler with tiny real diffusers models and a real 32x32 parallel-beam Physics."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
+
+from ldir_pl.models.bundle import PriorBundle
+from ldir_pl.physics import GaussianNoise, Physics
+from ldir_pl.sampling.fidelity import DataFidelity
+from ldir_pl.sampling.ldir import LDIRSampler
+from ldir_pl.sampling.refine import operator_norm_sq, refine
+
+SIZE = 32
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def tiny_latent_bundle(size: int = SIZE, prediction_type: str = "epsilon") -> PriorBundle:
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        latent_channels=4, norm_num_groups=8, layers_per_block=1)
+    lat = size // 2
+    unet = UNet2DModel(sample_size=lat, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       layers_per_block=1, norm_num_groups=8)
+    sched = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type, clip_sample=False)
+    meta = {"intensity_transform": {"type": "affine", "scale": 2.0, "shift": -1.0, "data_range": [0, 1]}}
+    return PriorBundle(unet=unet.eval(), scheduler=sched, vae=vae.eval(), scaling_factor=0.5, image_size=size,
+                       latent_shape=(4, lat, lat), kind="latent", metadata=meta)
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return tiny_latent_bundle()
+
+
+@pytest.fixture(scope="module")
+def physics():
+    return Physics(kind="parallel", num_views=8, image_size=SIZE, noise=GaussianNoise(relative=0.01))
+
+
+def phantom(n: int = 2, size: int = SIZE) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    imgs = []
+    for k in range(n):
+        r = 0.5 + 0.1 * k
+        img = 0.3 * ((xx**2 + yy**2) < r**2).float() + 0.4 * (((xx - 0.2) ** 2 + yy**2) < 0.04).float()
+        imgs.append(img)
+    return torch.stack(imgs)[:, None]
+
+
+def make(bundle, **kw):
+    args = dict(num_steps=4, lr=0.05, refine="none", progress=False, device="cpu")
+    args.update(kw)
+    return LDIRSampler(bundle, **args)
+
+
+def test_shapes_range_finite_and_determinism(bundle, physics):
+    x = phantom(3)
+    ids = ["a", "b", "c"]
+    y = physics.measure(x, ids)
+    s = make(bundle)
+    out = s.reconstruct(y, physics, ids)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert out.min() >= 0 and out.max() <= 1
+    again = s.reconstruct(y, physics, ids)
+    assert torch.equal(out, again)
+    # reversed batch order: each image gets the same result
+    rev = s.reconstruct(y.flip(0), physics, ids[::-1]).flip(0)
+    assert torch.allclose(out, rev, atol=1e-5)
+    # a single image reconstructed alone matches its batched result
+    single = s.reconstruct(y[1:2], physics, ids[1:2])
+    assert torch.allclose(out[1:2], single, atol=1e-5)
+
+
+def test_eta_one_is_seeded_per_image(bundle, physics):
+    x = phantom(2)
+    y = physics.measure(x, [0, 1])
+    s = make(bundle, eta=1.0, optimizer="momentum")
+    a = s.reconstruct(y, physics, [0, 1])
+    b = s.reconstruct(y.flip(0), physics, [1, 0]).flip(0)
+    assert torch.allclose(a, b, atol=1e-5)
+    c = s.reconstruct(y, physics, [5, 6])
+    assert not torch.allclose(a, c)
+
+
+def test_runs_with_grad_under_inference_mode(bundle, physics):
+    x = phantom(2)
+    with torch.inference_mode():
+        y = physics.measure(x, [0, 1])
+        out = make(bundle, refine="cg", refine_iters=3).reconstruct(y, physics, [0, 1])
+    assert torch.isfinite(out).all()
+    with torch.no_grad():
+        out2 = make(bundle, refine="cg", refine_iters=3).reconstruct(y, physics, [0, 1])
+    assert torch.allclose(out, out2)
+
+
+def _count_unet_backward(bundle, physics, grad_wrt, every=1):
+    calls = []
+    handle = bundle.unet.conv_out.register_full_backward_hook(lambda *a: calls.append(1))
+    try:
+        y = physics.measure(phantom(1), [0])
+        make(bundle, grad_wrt=grad_wrt, num_steps=3, guidance_every=every).reconstruct(y, physics, [0])
+    finally:
+        handle.remove()
+    return len(calls)
+
+
+def test_z0_switch_skips_unet_backward(bundle, physics):
+    assert _count_unet_backward(bundle, physics, "zt") == 3
+    assert _count_unet_backward(bundle, physics, "z0") == 0
+    assert _count_unet_backward(bundle, physics, "zt", every=2) == 2  # steps 0 and 2 (the last) guided
+
+
+@pytest.mark.parametrize("optimizer,grad_wrt,lr", [("adam", "zt", 1.0), ("sgd", "z0", 1e4), ("momentum", "z0", 3e3)])
+def test_guidance_reduces_data_misfit(bundle, physics, optimizer, grad_wrt, lr):
+    # measurements of images the (random) decoder can produce, so the data are reachable from the latent
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        x = (bundle.vae.decode(6 * torch.randn(2, *bundle.latent_shape, generator=gen)).sample + 1) / 2
+    y = physics.measure(x, [0, 1])
+    fid = DataFidelity(2, squared=True)
+    free = make(bundle, lr=0.0, num_steps=10).reconstruct(y, physics, [0, 1])
+    guided = make(bundle, lr=lr, num_steps=10, optimizer=optimizer, grad_wrt=grad_wrt).reconstruct(
+        y, physics, [0, 1])
+    assert (fid(y, physics.A(guided)) < 0.5 * fid(y, physics.A(free))).all()
+
+
+def test_v_prediction_and_clamp(physics):
+    b = tiny_latent_bundle(prediction_type="v_prediction")
+    y = physics.measure(phantom(1), [0])
+    out = make(b, clamp_z0=2.0, step_schedule="sqrt_one_minus_alpha_bar").reconstruct(y, physics, [0])
+    assert torch.isfinite(out).all() and out.shape == (1, 1, SIZE, SIZE)
+
+
+def test_clear_errors(bundle, physics, tmp_path):
+    big = Physics(kind="parallel", num_views=8, image_size=2 * SIZE)
+    y = big.measure(phantom(1, 2 * SIZE), [0])
+    with pytest.raises(ValueError, match=r"32x32.*64x64"):
+        make(bundle).reconstruct(y, big, [0])
+    y = physics.measure(phantom(1), [0])
+    y[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        make(bundle).reconstruct(y, physics, [0])
+    missing = tmp_path / "no_such_prior"
+    with pytest.raises(FileNotFoundError, match="no_such_prior"):
+        LDIRSampler(str(missing), device="cpu")
+    with pytest.raises(ValueError, match="optimizer"):
+        make(bundle, optimizer="lbfgs")
+    with pytest.raises(ValueError, match="ids"):
+        make(bundle).reconstruct(physics.measure(phantom(2), [0, 1]), physics, [0])
+
+
+def test_fidelity_norms():
+    y, ax = torch.tensor([[3.0, 0.0]]), torch.tensor([[0.0, 4.0]])
+    assert DataFidelity(2, True)(y, ax).item() == pytest.approx(25.0)
+    assert DataFidelity(2, False)(y, ax).item() == pytest.approx(5.0)
+    assert DataFidelity(1)(y, ax).item() == pytest.approx(7.0)
+    assert DataFidelity(2, True, normalize=True)(y, ax).item() == pytest.approx(25.0 / 9.0)
+    with pytest.raises(ValueError):
+        DataFidelity(3)
+
+
+def test_refine_reduces_residual_and_prox_limits_change(physics):
+    x = phantom(2)
+    y = physics.measure(x, [0, 1])
+    x0 = torch.full_like(x, 0.2)
+    assert operator_norm_sq(physics) > 0
+    for method in ("cg", "gd"):
+        out = refine(x0, y, physics, method=method, iters=10)
+        assert out.min() >= 0 and out.max() <= 1
+        before = (physics.A(x0) - y).norm()
+        assert (physics.A(out) - y).norm() < 0.5 * before
+    near = refine(x0, y, physics, method="cg", iters=10, lam_rel=100.0)
+    far = refine(x0, y, physics, method="cg", iters=10, lam_rel=0.0)
+    assert (near - x0).norm() < 0.1 * (far - x0).norm()
+    assert torch.equal(refine(x0, y, physics, method="none"), x0)
+
+
+def test_saved_bundle_and_hydra_configs(bundle, physics, tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from ldir_pl.models.bundle import save_prior
+
+    path = save_prior(tmp_path / "prior", bundle.vae, bundle.unet, bundle.scheduler,
+                      {"image_size": SIZE, "scaling_factor": 0.5})
+    assert json.loads((path / "ldir_prior.json").read_text())["kind"] == "latent"
+    y = physics.measure(phantom(1), [0])
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        for name, expect in [("ldir", ("adam", "zt")), ("latent_dps", ("sgd", "zt")), ("ldir_z0", ("adam", "z0"))]:
+            cfg = compose(overrides=[f"+sampler={name}", f"+prior.path={path}", "+seed=3",
+                                     "sampler.num_steps=2", "sampler.progress=false", "sampler.refine_iters=2"])
+            s = instantiate(cfg.sampler)
+            assert isinstance(s, LDIRSampler) and s.name == name and s.seed == 3
+            assert (s.optimizer, s.grad_wrt) == expect
+            out = s.reconstruct(y, physics, [0])
+            assert out.shape == (1, 1, SIZE, SIZE) and torch.isfinite(out).all()

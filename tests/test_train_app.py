@@ -1,0 +1,102 @@
+"""ldir-train end to end (subprocesses, tiny sizes): both stages + bundle, W&B offline, multirun,
+2-process CPU DDP, resume, and a wrong-kind VAE checkpoint rejected before training."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ldir_pl.models import load_prior
+from ldir_pl.train import compose_config
+
+TINY = [
+    "experiment=demo", "logger=none", "data.image_size=32", "data.num_train=16", "data.num_val=4",
+    "data.batch_size=8", "model.vae.block_out_channels=[8,16,16]",
+    "model.ldm.unet.block_out_channels=[16,32]", "model.ldm.unet.attention_levels=[1]",
+    "model.ldm.num_val_samples=2", "model.ldm.val_inference_steps=2", "model.ldm.warmup_steps=1",
+    "model.vae.warmup_steps=1", "stages.vae.trainer.max_epochs=1", "stages.ldm.trainer.max_epochs=1",
+    "stages.vae.trainer.check_val_every_n_epoch=1", "stages.ldm.trainer.check_val_every_n_epoch=1",
+    "trainer.num_sanity_val_steps=0", "callbacks.progress_bar.refresh_rate=100",
+]
+
+
+def ldir_train(*overrides: str, tmp_path: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true",
+           "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
+    flags = [o for o in overrides if o.startswith("-")]
+    overrides = tuple(o for o in overrides if not o.startswith("-"))
+    proc = subprocess.run([sys.executable, "-m", "ldir_pl.train", *flags, *TINY, *overrides], env=env,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        pytest.fail(f"ldir-train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def prior_run(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("prior")
+    out = tmp / "out"
+    ldir_train(f"output_dir={out}", "logger=wandb", tmp_path=tmp)
+    return out
+
+
+def test_prior_stage_exports_loadable_bundle(prior_run):
+    bundle = load_prior(prior_run / "prior", kind="latent")
+    assert bundle.image_size == 32 and bundle.latent_shape == (4, 8, 8)
+    assert bundle.scaling_factor > 0 and bundle.scheduler.config.clip_sample is False
+    assert bundle.metadata["training_config"]["experiment_name"] == "demo"
+    assert (prior_run / "vae" / "model" / "config.json").exists()
+    assert (prior_run / ".hydra" / "config.yaml").exists()  # configs saved next to the outputs
+    assert (prior_run / "vae" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_wandb_offline_run_files(prior_run):
+    runs = list((prior_run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2, runs  # one run per stage
+    assert all(list(r.glob("*.wandb")) for r in runs)
+
+
+def test_resume_from_checkpoint(prior_run, tmp_path):
+    ckpt = prior_run / "vae" / "checkpoints" / "last.ckpt"
+    proc = ldir_train(f"output_dir={tmp_path / 'resumed'}", "stage=vae", f"ckpt_path={ckpt}",
+                      "stages.vae.trainer.max_epochs=2", tmp_path=tmp_path)
+    assert "Restoring states from the checkpoint path" in proc.stdout + proc.stderr
+
+
+def test_wrong_kind_checkpoint_fails_before_training(prior_run, tmp_path):
+    ldm_ckpt = prior_run / "ldm" / "checkpoints" / "last.ckpt"
+    proc = ldir_train(f"output_dir={tmp_path / 'bad'}", "stage=ldm", f"model.ldm.vae_path={ldm_ckpt}",
+                      tmp_path=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert f"{ldm_ckpt} is not a VAE checkpoint" in proc.stderr
+    assert "Epoch 0" not in proc.stdout + proc.stderr
+    proc = ldir_train(f"output_dir={tmp_path / 'bad2'}", "stage=vae", f"ckpt_path={ldm_ckpt}",
+                      tmp_path=tmp_path, check=False)
+    assert proc.returncode != 0 and "holds a latent checkpoint; stage 'vae' needs 'vae'" in proc.stderr
+
+
+def test_two_point_multirun(tmp_path):
+    ldir_train("-m", f"output_dir={tmp_path}", "stage=vae", "model.vae.lr=1e-3,3e-3", tmp_path=tmp_path)
+    for job in ("0", "1"):
+        assert (tmp_path / "multirun" / job / "vae" / "model" / "config.json").exists()
+    assert (tmp_path / "multirun" / "multirun.yaml").exists()
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    proc = ldir_train(f"output_dir={tmp_path}", "stage=vae", "trainer=ddp", tmp_path=tmp_path)
+    log = proc.stdout + proc.stderr
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in log
+    assert (tmp_path / "vae" / "model" / "config.json").exists()
+
+
+def test_compose_and_presets_resolve():
+    for exp in ("demo", "ct_dicom_cpu", "lodopab_256", "mayo_256"):
+        cfg = compose_config([f"experiment={exp}"] + ([] if exp == "demo" else ["data.root=/some/dir"]))
+        assert cfg.model.ldm.scheduler.clip_sample is False
+        assert cfg.data.image_size % cfg.model.vae.downsample_factor == 0
+    cfg = compose_config(["hparams_search=vae_optuna"], return_hydra_config=True)
+    assert cfg.hydra.sweeper.direction == "maximize" and cfg.stage == "vae"
