@@ -26,17 +26,28 @@ from ldir_pl.sampling.module import LDIRModule
 log = logging.getLogger(__name__)
 
 
+def sampler_config(name: str) -> dict:
+    """``conf/sampler/<name>.yaml`` composed by Hydra (so its own ``defaults`` apply), unresolved."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if not (CONF_DIR / "sampler" / f"{name}.yaml").exists():
+        raise FileNotFoundError(f"baselines: no sampler config {CONF_DIR / 'sampler' / (name + '.yaml')}")
+    overrides = [f"sampler={name}"]
+    if GlobalHydra.instance().is_initialized():
+        composed = compose(config_name="reconstruct", overrides=overrides)
+    else:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            composed = compose(config_name="reconstruct", overrides=overrides)
+    return OmegaConf.to_container(composed.sampler, resolve=False)
+
+
 def build_methods(cfg: DictConfig) -> dict:
     """The main ``sampler`` plus the named ``baselines`` (each a file of ``conf/sampler/``)."""
     methods = {}
     for name in cfg.get("baselines") or []:
-        path = CONF_DIR / "sampler" / f"{name}.yaml"
-        if not path.exists():
-            raise FileNotFoundError(f"baselines: no sampler config {path}")
-        sub = OmegaConf.load(path)
-        sub.pop("defaults", None)
         root = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-        root._baseline = sub  # resolves ${prior.path}, ${seed}... against the run's config
+        root._baseline = sampler_config(name)  # resolves ${prior.path}, ${seed}... against this run
         method = instantiate(root._baseline)
         methods[method.name] = method
     main = instantiate(cfg.sampler)

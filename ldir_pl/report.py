@@ -21,7 +21,7 @@ CSV_FIELDS = ("id", "method", "psnr", "ssim", "seconds", "peak_mem_mb")
 def rows_from_prediction(pred: Mapping) -> list[dict]:
     """Flatten one predict_step output into per-image, per-method rows."""
     rows = []
-    for method, recon in pred["recon"].items():
+    for method, _recon in pred["recon"].items():
         m = pred["metrics"].get(method, {})
         for i, image_id in enumerate(pred["id"]):
             rows.append({

@@ -7,7 +7,14 @@ from pathlib import Path
 import torch
 
 from ldir_pl.data.base import Item, SliceDataModule, StoredImage, split_by_group
-from ldir_pl.data.readers import IMAGE_SUFFIXES, DataError, check_same_shape, list_files, read_image_file, require_dir
+from ldir_pl.data.readers import (
+    IMAGE_SUFFIXES,
+    DataError,
+    check_same_shape,
+    list_files,
+    read_image_file,
+    require_dir,
+)
 from ldir_pl.data.transforms import hu_to_unit, resize_area
 
 INTENSITIES = ("unit", "hu")

@@ -1,0 +1,23 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DICOM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ct-dicom"
+
+os.environ.setdefault("WANDB_MODE", "offline")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_matrix_cache(tmp_path_factory, monkeypatch):
+    """System matrices cached per test session, never in the user's ~/.cache."""
+    monkeypatch.setenv("LDIR_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "matrices"))
+
+
+@pytest.fixture
+def shared_dicom() -> Path:
+    if not SHARED_DICOM.is_dir():
+        pytest.skip(f"real CT slices not present at {SHARED_DICOM} (../shared/data/ct-dicom)")
+    return SHARED_DICOM

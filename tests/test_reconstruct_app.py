@@ -1,0 +1,65 @@
+"""The ``ldir-reconstruct`` app end to end, as the independent evaluation calls it."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydicom.data import get_testdata_file
+
+from tests.test_ldir_sampler import tiny_latent_bundle
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, cwd=ROOT, check=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.run([sys.executable, "-m", "ldir_pl.reconstruct", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stdout[-3000:] + proc.stderr[-3000:])
+    return proc
+
+
+@pytest.fixture(scope="module")
+def dicom_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dicom")
+    shutil.copy(get_testdata_file("CT_small.dcm"), d / "CT_small.dcm")
+    return d
+
+
+@pytest.mark.parametrize("sampler", ["fbp", "tv"])
+def test_evaluation_call(sampler, dicom_dir, tmp_path):
+    out = tmp_path / "res"
+    _run(["data=dicom", f"data.root={dicom_dir}", "physics.num_views=23", "physics.noise.relative=0.01",
+          f"sampler={sampler}", f"output_dir={out}", "data.image_size=64", "sampler.iterations=50"
+          if sampler == "tv" else "sampler.filter_type=Hann"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary[sampler]) == {"psnr", "ssim", "seconds_per_image", "peak_mem_mb", "n"}
+    assert summary[sampler]["n"] == 1 and summary[sampler]["psnr"] > 15
+    lines = (out / "metrics.csv").read_text().splitlines()
+    assert lines[0].startswith("id,method,psnr,ssim") and len(lines) == 1 + len(summary)
+    assert list((out / "panels").glob("*.png")) and (out / ".hydra" / "config.yaml").exists()
+
+
+def test_ldir_with_prior_bundle_and_errors(tmp_path):
+    from ldir_pl.models.bundle import save_prior
+
+    b = tiny_latent_bundle(size=32)
+    prior = save_prior(tmp_path / "prior", b.vae, b.unet, b.scheduler,
+                       {**b.metadata, "image_size": 32, "scaling_factor": b.scaling_factor})
+    out = tmp_path / "res"
+    common = ["data=phantom", "data.image_size=32", "data.num_test=2", "data.predict_split=test",
+              "physics.num_views=12", "sampler=ldir", "sampler.num_steps=3", "sampler.progress=false"]
+    proc = _run([*common, f"prior.path={prior}", "baselines=[fbp,latent_dps]", f"output_dir={out}"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == ["fbp", "latent_dps", "ldir"] and summary["ldir"]["n"] == 2
+    assert "ldir" in proc.stdout
+    bad = _run([*common, f"prior.path={tmp_path / 'nope'}", f"output_dir={tmp_path / 'x'}"], check=False)
+    assert bad.returncode != 0 and "nope" in bad.stderr
+    wrong = _run([*common, "data.image_size=64", f"prior.path={prior}", f"output_dir={tmp_path / 'y'}"],
+                 check=False)
+    assert wrong.returncode != 0 and "32" in wrong.stderr and "64" in wrong.stderr
