@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 from pydicom.data import get_testdata_file
-
-from tests.test_ldir_sampler import tiny_latent_bundle
+from test_ldir_sampler import tiny_latent_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 
