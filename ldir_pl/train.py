@@ -8,7 +8,6 @@ returns the stage's validation metric so ``-m`` sweeps (e.g. ``hparams_search=va
 from __future__ import annotations
 
 import logging
-import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -20,13 +19,12 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ldir_pl.conf_dir import CONF_DIR
 from ldir_pl.models.bundle import save_prior
 from ldir_pl.models.vae import CKPT_KIND_KEY, INTENSITY_TRANSFORM
 
 log = logging.getLogger(__name__)
 
-#: Top-level ``conf/`` of the repository (configs live outside the package; see docs/training.md).
-CONF_DIR = Path(os.environ.get("LDIR_CONF_DIR", Path(__file__).resolve().parents[1] / "conf"))
 STAGES = ("vae", "ldm", "pixel_ddpm", "prior")
 #: stage -> (model config key, checkpoint kind, default metric, metric mode)
 STAGE_INFO = {
