@@ -71,9 +71,25 @@ def _batch_len(batch: Any) -> int | None:
     return None
 
 
+def merge_trials(trials: list[Trial]) -> list[Trial]:
+    """One trial per batch: repeated measurements averaged (a batch fails if any of its trials did)."""
+    by_batch: dict[int, list[Trial]] = {}
+    for t in trials:
+        by_batch.setdefault(t.batch, []).append(t)
+    merged = []
+    for b, ts in by_batch.items():
+        bad = [t for t in ts if t.status != "ok"]
+        if bad:
+            merged.append(bad[0])
+            continue
+        merged.append(Trial(b, sum(t.throughput for t in ts) / len(ts), sum(t.step_time for t in ts) / len(ts),
+                            max(t.peak_bytes for t in ts), "ok"))
+    return merged
+
+
 def choose_batch(trials: list[Trial], tolerance: float) -> Trial:
-    """Smallest batch whose measured throughput is within ``tolerance`` of the best one."""
-    ok = [t for t in trials if t.status == "ok"]
+    """Smallest batch whose measured throughput (repeats averaged) is within ``tolerance`` of the best."""
+    ok = [t for t in merge_trials(trials) if t.status == "ok"]
     if not ok:
         raise RuntimeError("no batch size trial succeeded")
     best = max(t.throughput for t in ok)
@@ -92,6 +108,8 @@ class BatchSizeLRSearch(pl.Callback):
         trial_steps: timed optimizer steps per trial (after ``trial_warmup`` untimed ones; the swap
             callback's profiling steps are added to the warmup).
         tolerance: pick the smallest batch with throughput >= (1 - tolerance) x best.
+        confirm_top: after the search, time the ``confirm_top`` fastest batches once more and average:
+            a single noisy trial (another job on the machine, a clock change) cannot decide alone.
         memory_budget: bytes or fraction of device memory; a trial whose peak exceeds it counts as a
             failure (on CPU the estimate is parameter/optimizer state plus saved activations).
         critical_batch: also cap the batch by the gradient-noise-scale critical batch estimate.
@@ -113,6 +131,7 @@ class BatchSizeLRSearch(pl.Callback):
         trial_steps: int = 3,
         trial_warmup: int = 1,
         tolerance: float = 0.05,
+        confirm_top: int = 3,
         memory_budget: float | None = None,
         critical_batch: bool = False,
         noise_steps: int = 4,
@@ -133,6 +152,7 @@ class BatchSizeLRSearch(pl.Callback):
         self.trial_steps = max(1, trial_steps)
         self.trial_warmup = max(0, trial_warmup)
         self.tolerance = tolerance
+        self.confirm_top = max(0, int(confirm_top))
         self.memory_budget = memory_budget
         self.critical_batch = critical_batch
         self.noise_steps = noise_steps
@@ -208,24 +228,25 @@ class BatchSizeLRSearch(pl.Callback):
                     self._run_trial(trainer, pl_module, swap, self._round(b, world))
             else:
                 self._search(trainer, pl_module, swap, self._round(self.init_batch or cur_local * world, world), world)
+                self._confirm(trainer, pl_module, swap)
             chosen = choose_batch(self.trials, self.tolerance)
             b_crit = math.nan
             if self.critical_batch:
                 b_crit = self._critical_batch(trainer, pl_module, chosen.batch // world, world)
                 if math.isfinite(b_crit):
-                    fitting = [t for t in self.trials if t.status == "ok" and t.batch <= max(b_crit, 1)]
+                    fitting = [t for t in merge_trials(self.trials) if t.status == "ok" and t.batch <= max(b_crit, 1)]
                     if fitting:
                         capped = max(fitting, key=lambda t: t.batch)
                         chosen = capped if capped.batch < chosen.batch else chosen
                     else:
-                        chosen = min((t for t in self.trials if t.status == "ok"), key=lambda t: t.batch)
+                        chosen = min((t for t in merge_trials(self.trials) if t.status == "ok"), key=lambda t: t.batch)
         finally:
             del pl_module.log, pl_module.log_dict
             self._searching = False
             self._restore_state(trainer, pl_module, saved)
             if swap is not None:
                 swap.abort_step()
-        best = max(t.throughput for t in self.trials if t.status == "ok")
+        best = max(t.throughput for t in merge_trials(self.trials) if t.status == "ok")
         new_lr = scale_lr(ref_lr, ref_batch, chosen.batch, self.lr_rule)
         decision = {
             "batch_size": chosen.batch,
@@ -283,6 +304,12 @@ class BatchSizeLRSearch(pl.Callback):
             t = self._run_trial(trainer, pl_module, swap, nxt)
             if t.status != "ok" and (fail is None or nxt < fail):
                 fail = nxt
+
+    def _confirm(self, trainer, pl_module, swap) -> None:
+        """Re-time the fastest batches (fastest first) so the decision rests on two measurements each."""
+        ok = sorted((t for t in merge_trials(self.trials) if t.status == "ok"), key=lambda t: -t.throughput)
+        for t in ok[: self.confirm_top]:
+            self._run_trial(trainer, pl_module, swap, t.batch)
 
     def _loader(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         if trainer.datamodule is not None:

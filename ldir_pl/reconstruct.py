@@ -4,6 +4,8 @@
 
 Writes ``metrics.csv`` (per image and method), ``summary.json`` (per method: psnr, ssim, seconds_per_image,
 peak_mem_mb, n), PNG panels and the reconstructions; returns the main method's mean PSNR for sweeps.
+With ``-m`` each job writes into its own folder and the sweep folder gets ``table.md``,
+``sweep_summary.json`` and ``psnr_vs_views.png`` over all jobs so far.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldir_pl.conf_dir import CONF_DIR
 from ldir_pl.prediction_writer import ReconstructionWriter
 from ldir_pl.report import format_table, summarize, write_csv, write_json
 from ldir_pl.sampling.module import LDIRModule
+from ldir_pl.sweep_report import write_sweep_report
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +117,18 @@ def log_to_wandb(logger, summary: dict, rows: list[dict], out: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="reconstruct")
 def main(cfg: DictConfig) -> float:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     torch.set_float32_matmul_precision("high")
+    hydra_cfg = HydraConfig.get()
+    sweeping = hydra_cfg.mode == RunMode.MULTIRUN
+    if sweeping:  # every job writes into its own folder; the sweep folder gets the joint table and plot
+        with open_dict(cfg):
+            cfg.output_dir = hydra_cfg.runtime.output_dir
     summary = run(cfg)
+    if sweeping and summary:
+        write_sweep_report(Path(hydra_cfg.sweep.dir))
     main_psnr = list(summary.values())[-1]["psnr"] if summary else None
     return float("nan") if main_psnr is None else float(main_psnr)
 

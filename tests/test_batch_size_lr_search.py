@@ -20,6 +20,26 @@ from callbacks.lr_scaling import scale_lr, warmup_factor
 from callbacks.noise_scale import NoiseScaleEstimator, noise_scale_terms, split_batch
 
 
+class SimulatedClock:
+    """Stands in for ``time`` inside the callback: trials time the simulated device, not this machine,
+    so the choice is deterministic however loaded the CPU is. (ddp_spawn workers keep the real clock
+    and really sleep.)"""
+
+    now = 0.0
+
+    @classmethod
+    def perf_counter(cls) -> float:
+        return cls.now
+
+
+@pytest.fixture(autouse=True)
+def _simulated_clock(monkeypatch):
+    import callbacks.batch_size_lr_search as search_module
+
+    monkeypatch.setattr(search_module, "time", SimulatedClock)
+    SimulatedClock.now = 0.0
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     n = torch.get_num_threads()
@@ -57,7 +77,11 @@ class Model(pl.LightningModule):
         b = x.shape[0]
         if self.hparams.oom_above is not None and b > self.hparams.oom_above:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
-        if self.hparams.sleep:
+        import callbacks.batch_size_lr_search as search_module
+
+        if search_module.time is SimulatedClock:
+            SimulatedClock.now += step_seconds(b)
+        elif self.hparams.sleep:
             time.sleep(step_seconds(b))
         loss = nn.functional.mse_loss(self.net(x), y)
         self.log("loss", loss)
@@ -131,6 +155,10 @@ def test_choose_batch_tolerance():
     trials = [Trial(8, 100, 0, 0, "ok"), Trial(16, 190, 0, 0, "ok"), Trial(32, 200, 0, 0, "ok"), Trial(64, 0, 0, 0, "oom")]
     assert choose_batch(trials, 0.0).batch == 32
     assert choose_batch(trials, 0.1).batch == 16
+    # a repeat measurement is averaged in: one lucky trial of 16 no longer wins at tolerance 0
+    repeats = trials + [Trial(16, 230, 0, 0, "ok"), Trial(32, 200, 0, 0, "ok")]
+    assert choose_batch(repeats, 0.0).batch == 16  # (190 + 230) / 2 = 210 > 200
+    assert choose_batch(trials + [Trial(16, 0, 0, 0, "oom")], 0.1).batch == 32  # any failure fails the batch
 
 
 def test_search_within_tolerance_of_brute_force_and_restores_state():

@@ -199,3 +199,31 @@ def test_saved_bundle_and_hydra_configs(bundle, physics, tmp_path):
             assert (s.optimizer, s.grad_wrt) == expect
             out = s.reconstruct(y, physics, [0])
             assert out.shape == (1, 1, SIZE, SIZE) and torch.isfinite(out).all()
+
+
+def test_warm_start_from_fbp_and_final_iterations(bundle, physics):
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        x = (bundle.vae.decode(6 * torch.randn(2, *bundle.latent_shape, generator=gen)).sample + 1) / 2
+    y = physics.measure(x, [0, 1])
+    fid = DataFidelity(2, squared=True)
+    # warm start: sampling begins at strength * T from the encoded FBP image, with num_steps steps
+    seen = []
+    s = make(bundle, warm_start="fbp", warm_start_strength=0.4, num_steps=4, grad_wrt="z0")
+    orig = s._predict
+    s._predict = lambda z, t, a: (seen.append(t), orig(z, t, a))[1]
+    out = s.reconstruct(y, physics, [0, 1])
+    assert len(seen) == 4 and seen[0] == round(0.4 * 999) and seen == sorted(seen, reverse=True)
+    assert torch.isfinite(out).all()
+    # final iterations: history-gradient steps on the clean latent after DDIM lower the misfit further
+    base = make(bundle, lr=1.0, num_steps=4, grad_wrt="z0")
+    more = make(bundle, lr=1.0, num_steps=4, grad_wrt="z0", final_steps=6, final_lr=0.3)
+    r0, r1 = base.reconstruct(y, physics, [0, 1]), more.reconstruct(y, physics, [0, 1])
+    assert len(more.last_losses) == 4 + 6
+    assert (fid(y, physics.A(r1)) < fid(y, physics.A(r0))).all()
+    with pytest.raises(ValueError, match="warm_start"):
+        make(bundle, warm_start="tv")
+    with pytest.raises(ValueError, match="warm_start_strength"):
+        make(bundle, warm_start="fbp", warm_start_strength=0.0)
+    with pytest.raises(ValueError, match="final_steps"):
+        make(bundle, final_steps=-1)

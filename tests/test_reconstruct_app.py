@@ -62,3 +62,21 @@ def test_ldir_with_prior_bundle_and_errors(tmp_path):
     wrong = _run([*common, "data.image_size=64", f"prior.path={prior}", f"output_dir={tmp_path / 'y'}"],
                  check=False)
     assert wrong.returncode != 0 and "32" in wrong.stderr and "64" in wrong.stderr
+
+
+def test_multirun_over_views_writes_joint_table_and_plot(tmp_path):
+    """``-m`` over views x methods: one folder per job, and a table + PSNR-vs-views plot over all jobs."""
+    sweep = tmp_path / "sweep"
+    _run(["-m", f"hydra.sweep.dir={sweep}", f"output_dir={sweep}", "data=phantom", "data.image_size=32",
+          "data.num_test=2", "physics.num_views=8,16", "sampler=fbp,tv", "baselines=[]", "num_panels=1"])
+    jobs = sorted(p.parent.name for p in sweep.glob("*/summary.json"))
+    assert len(jobs) == 4, jobs
+    results = json.loads((sweep / "sweep_summary.json").read_text())
+    assert set(results) == {"fbp", "tv"} and set(results["tv"]) == {"8", "16"}
+    # more views must help both methods, and TV must beat FBP on piecewise-constant phantoms
+    for m in ("fbp", "tv"):
+        assert results[m]["16"]["psnr"] > results[m]["8"]["psnr"]
+    assert results["tv"]["8"]["psnr"] > results["fbp"]["8"]["psnr"]
+    table = (sweep / "table.md").read_text()
+    assert "| tv (n=2) |" in table and "16 views" in table
+    assert (sweep / "psnr_vs_views.png").stat().st_size > 1000

@@ -31,6 +31,7 @@ from ldir_pl.sampling.prior_loading import intensity_transform, resolve_prior
 from ldir_pl.sampling.refine import REFINE_METHODS, refine
 
 GRAD_WRT = ("zt", "z0")
+WARM_STARTS = (None, "fbp")
 
 
 def _auto_device(device: Any) -> torch.device:
@@ -60,6 +61,12 @@ class LDIRSampler:
         batch_size: split large batches into chunks of this size (None: all at once).
         guidance_every: guide every k-th step only (counted back from the last step, which is always
             guided); the other steps are plain DDIM steps costing one UNet forward. Saves decoder passes.
+        warm_start, warm_start_strength: ``None`` starts from pure noise at t = T (the authors); ``fbp``
+            encodes the FBP image, noises it to t = strength * T and samples from there with
+            ``num_steps`` steps (the SDEdit / come-closer-diffuse-faster start): the prior only has to
+            remove streaks instead of inventing the anatomy.
+        final_steps, final_lr: history-gradient iterations on the clean latent after the last DDIM step
+            (decoder only; ``final_lr`` None = ``lr * lr_end_ratio``).
     """
 
     expected_kind: str | None = "latent"
@@ -92,6 +99,10 @@ class LDIRSampler:
         progress: bool = True,
         batch_size: int | None = None,
         guidance_every: int = 1,
+        final_steps: int = 0,
+        final_lr: float | None = None,
+        warm_start: str | None = None,
+        warm_start_strength: float = 0.5,
         name: str = "ldir",
     ) -> None:
         if optimizer not in OPTIMIZERS:
@@ -125,6 +136,15 @@ class LDIRSampler:
         if int(guidance_every) < 1:
             raise ValueError(f"sampler.guidance_every={guidance_every}: must be >= 1")
         self.guidance_every = int(guidance_every)
+        if int(final_steps) < 0:
+            raise ValueError(f"sampler.final_steps={final_steps}: must be >= 0")
+        self.final_steps = int(final_steps)
+        self.final_lr = None if final_lr is None else float(final_lr)
+        if warm_start not in WARM_STARTS:
+            raise ValueError(f"sampler.warm_start={warm_start!r}: expected one of {WARM_STARTS}")
+        if not 0.0 < float(warm_start_strength) <= 1.0:
+            raise ValueError(f"sampler.warm_start_strength={warm_start_strength}: expected a value in (0, 1]")
+        self.warm_start, self.warm_start_strength = warm_start, float(warm_start_strength)
         self.scale, self.shift = intensity_transform(getattr(self.prior, "metadata", {}))
         self.scaling_factor = float(self.prior.scaling_factor) if self.prior.kind == "latent" else 1.0
         self.latent_shape = tuple(int(s) for s in self.prior.latent_shape)
@@ -206,12 +226,17 @@ class LDIRSampler:
         from tqdm.auto import tqdm
 
         sched = self.scheduler
-        sched.set_timesteps(self.num_steps, device="cpu")
-        timesteps = [int(t) for t in sched.timesteps]
         alphas = sched.alphas_cumprod.double()
         final_alpha = float(sched.final_alpha_cumprod)
         updater = make_updater(**self.updater_kwargs)
         z, gens = self.initial_noise(ids)
+        if self.warm_start is None:
+            sched.set_timesteps(self.num_steps, device="cpu")
+            timesteps = [int(t) for t in sched.timesteps]
+        else:
+            t_start = int(round(self.warm_start_strength * (sched.config.num_train_timesteps - 1)))
+            timesteps = [int(t) for t in torch.linspace(t_start, 0, self.num_steps + 1)[:-1].round()]
+            z = self._warm_latent(y, physics, ids, z, float(alphas[timesteps[0]]))
         n = len(timesteps)
         self.last_losses: list[list[float]] = []
         for i, t in enumerate(tqdm(timesteps, desc=self.name, disable=not self.progress, leave=False)):
@@ -244,9 +269,38 @@ class LDIRSampler:
             if g is not None:
                 z_prev = updater.update(z_prev, g.detach(), lr)
             z = z_prev.detach()
+        z = self._final_iterations(z, y, physics, updater)
         with torch.no_grad():
             x = self.decode(z).float()
         return refine(x, y, physics, method=self.refine_method, iters=self.refine_iters, lam_rel=self.refine_lam)
+
+    @torch.no_grad()
+    def _warm_latent(self, y: Tensor, physics, ids: list, noise: Tensor, a_t: float) -> Tensor:
+        """sqrt(a_t) E(x_fbp) + sqrt(1 - a_t) n: the encoded FBP image noised to the first timestep."""
+        from ldir_pl.sampling.fbp import FBPReconstructor
+
+        x0 = FBPReconstructor().reconstruct(y, physics, ids).to(self.device)
+        if self.prior.kind == "latent":
+            z0 = self.prior.vae.encode(x0 * self.scale + self.shift).latent_dist.mean * self.scaling_factor
+        else:
+            z0 = x0 * self.scale + self.shift
+        return math.sqrt(a_t) * z0 + math.sqrt(1.0 - a_t) * noise
+
+    def _final_iterations(self, z: Tensor, y: Tensor, physics, updater) -> Tensor:
+        """At t = 0 a DDIM step is the identity, so further LDIR iterations are history-gradient steps on
+        the clean latent alone (decoder only), continuing the same updater state: they pull the sample
+        onto the data while it stays in the decoder's range."""
+        from tqdm.auto import tqdm
+
+        lr = self.final_lr if self.final_lr is not None else self.lr * self.lr_end_ratio
+        for _ in tqdm(range(self.final_steps), desc=f"{self.name} t=0", disable=not self.progress or not self.final_steps,
+                      leave=False):
+            z_var = z.detach().requires_grad_(True)
+            loss = self.fidelity(y, physics.A(self.decode(z_var).float()))
+            (g,) = torch.autograd.grad(loss.sum(), z_var)
+            self.last_losses.append(loss.detach().cpu().tolist())
+            z = updater.update(z.detach(), g.detach(), lr)
+        return z.detach()
 
     def describe(self) -> dict:
         return {
@@ -254,8 +308,10 @@ class LDIRSampler:
             "step_schedule": self.step_schedule, "optimizer": self.optimizer, "grad_wrt": self.grad_wrt,
             "fidelity": self.fidelity.describe(), "clamp_z0": self.clamp_z0,
             "refine": {"method": self.refine_method, "iters": self.refine_iters, "lam": self.refine_lam},
-            "guidance_every": self.guidance_every, "seed": self.seed, "prior_kind": self.prior.kind,
+            "guidance_every": self.guidance_every, "final_steps": self.final_steps, "final_lr": self.final_lr,
+            "warm_start": self.warm_start, "warm_start_strength": self.warm_start_strength,
+            "seed": self.seed, "prior_kind": self.prior.kind,
         }
 
 
-__all__ = ["LDIRSampler", "GRAD_WRT"]
+__all__ = ["LDIRSampler", "GRAD_WRT", "WARM_STARTS"]
