@@ -107,14 +107,16 @@ def save_panel(path: Path, image_id: str, truth: np.ndarray | None, recons: Mapp
 
 def plot_metric_vs_views(results: Mapping[str, Mapping[int, float]], path: Path, metric: str = "PSNR (dB)") -> None:
     """``results[method][num_views] = value`` -> a line plot."""
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
     for method, by_views in sorted(results.items()):
         views = sorted(by_views)
-        ax.plot(views, [by_views[v] for v in views], marker="o", label=method)
+        values = [by_views[v] for v in views]
+        style = "--" if len(set(values)) == 1 and len(values) > 1 else "-"  # geometry-free reference rows
+        ax.plot(views, values, style, marker="o", label=method)
     ax.set_xlabel("number of views")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -131,9 +131,9 @@ def load_prior(path: str | Path, device: str | torch.device = "cpu", kind: Kind 
     missing = [d for d in need if not (path / d).is_dir()]
     if missing:
         raise ValueError(f"{path} is an incomplete {found} prior bundle: missing {', '.join(missing)}/")
-    unet = UNet2DModel.from_pretrained(path / "unet").to(device).eval()
+    unet = UNet2DModel.from_pretrained(path / "unet", low_cpu_mem_usage=False).to(device).eval()
     scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
-    vae = AutoencoderKL.from_pretrained(path / "vae").to(device).eval() if found == "latent" else None
+    vae = AutoencoderKL.from_pretrained(path / "vae", low_cpu_mem_usage=False).to(device).eval() if found == "latent" else None
     return PriorBundle(
         unet=unet,
         scheduler=scheduler,

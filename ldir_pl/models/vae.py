@@ -221,7 +221,7 @@ def load_vae(path: str | Path, map_location: str | torch.device = "cpu") -> Auto
         cls = json.loads(cfg_file.read_text()).get("_class_name")
         if cls != "AutoencoderKL":
             raise ValueError(f"{path} holds a diffusers {cls!r}, expected 'AutoencoderKL'")
-        return AutoencoderKL.from_pretrained(path).to(map_location)
+        return AutoencoderKL.from_pretrained(path, low_cpu_mem_usage=False).to(map_location)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - re-raised with the file named
