@@ -8,7 +8,7 @@ Runs ``python -m ldir_pl.reconstruct -m physics.num_views=<views> sampler=<metho
 baselines in every job, on the held-out patients of ``../shared/data/ct-dicom`` (``data.predict_split=val``:
 the same patient split as ``ldir-train``; reference protocol: 256x256, 1% Gaussian noise). Next to the
 methods it measures the VAE's own fidelity on the same images (encode the ground truth, decode), the cap
-of any purely latent method. Writes ``OUT/runs/<job>/`` (each job's summary, panels, configs),
+of any purely latent method. Writes ``OUT/<job>/`` (each job's summary, panels, configs),
 ``OUT/table.md``, ``OUT/psnr_vs_views.png`` and ``OUT/sweep_summary.json``, and prints the table.
 """
 
@@ -76,7 +76,7 @@ def main() -> None:
         sys.exit(f"{args.prior} is not a prior bundle (no ldir_prior.json): train one with ldir-train")
     cmd = [
         sys.executable, "-m", "ldir_pl.reconstruct", "-m",
-        f"hydra.sweep.dir={out / 'runs'}", f"output_dir={out / 'runs'}",
+        f"hydra.sweep.dir={out}", f"output_dir={out}",
         "data=dicom", f"data.root={args.data_root}", f"data.predict_split={args.split}",
         f"data.max_images={'null' if args.max_images is None else args.max_images}",
         f"prior.path={Path(args.prior).resolve()}", f"baselines=[{','.join(args.baselines)}]",
@@ -87,11 +87,7 @@ def main() -> None:
     subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
     extra = {"vae (decode(encode(x)))": vae_fidelity(args.prior, args.data_root, args.split, args.max_images,
                                                       args.views)}
-    results = write_sweep_report(out / "runs", extra)
-    for name in ("table.md", "sweep_summary.json", "psnr_vs_views.png"):
-        src = out / "runs" / name
-        if src.exists():
-            (out / name).write_bytes(src.read_bytes())
+    results = write_sweep_report(out, extra)  # the sweep's own report, rewritten with the VAE row
     print(markdown_table(results, extra))
     print(json.dumps({m: {v: round(e["psnr"], 2) for v, e in bv.items() if e.get("psnr") is not None}
                       for m, bv in {**results, **extra}.items()}))

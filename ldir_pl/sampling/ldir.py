@@ -23,8 +23,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ldir_pl.physics import image_seed
+from ldir_pl.sampling.fbp import FBPReconstructor
 from ldir_pl.sampling.fidelity import DataFidelity
 from ldir_pl.sampling.history import OPTIMIZERS, STEP_SCHEDULES, make_updater, step_size_schedule
 from ldir_pl.sampling.prior_loading import intensity_transform, resolve_prior
@@ -145,6 +147,7 @@ class LDIRSampler:
         if not 0.0 < float(warm_start_strength) <= 1.0:
             raise ValueError(f"sampler.warm_start_strength={warm_start_strength}: expected a value in (0, 1]")
         self.warm_start, self.warm_start_strength = warm_start, float(warm_start_strength)
+        self._fbp = FBPReconstructor() if warm_start == "fbp" else None  # keeps its ODL operator per geometry
         self.scale, self.shift = intensity_transform(getattr(self.prior, "metadata", {}))
         self.scaling_factor = float(self.prior.scaling_factor) if self.prior.kind == "latent" else 1.0
         self.latent_shape = tuple(int(s) for s in self.prior.latent_shape)
@@ -223,8 +226,6 @@ class LDIRSampler:
         return self.eta * math.sqrt((1 - a_prev) / (1 - a_t)) * math.sqrt(max(0.0, 1 - a_t / a_prev))
 
     def _reconstruct(self, y: Tensor, physics, ids: list) -> Tensor:
-        from tqdm.auto import tqdm
-
         sched = self.scheduler
         alphas = sched.alphas_cumprod.double()
         final_alpha = float(sched.final_alpha_cumprod)
@@ -254,12 +255,7 @@ class LDIRSampler:
                 with torch.no_grad():
                     eps, z0 = self._predict(z, t, a_t)
                 var = z0_g = z0.detach().requires_grad_(lr != 0.0)
-            if lr != 0.0:
-                loss = self.fidelity(y, physics.A(self.decode(z0_g).float()))
-                (g,) = torch.autograd.grad(loss.sum(), var)
-                self.last_losses.append(loss.detach().cpu().tolist())
-            else:
-                g = None
+            g = self._fidelity_grad(y, physics, z0_g, var) if lr != 0.0 else None
             eps, z0 = eps.detach(), z0.detach()
             sigma = self._ddim_sigma(a_t, a_prev)
             z_prev = math.sqrt(a_prev) * z0 + math.sqrt(max(0.0, 1 - a_prev - sigma**2)) * eps
@@ -274,12 +270,17 @@ class LDIRSampler:
             x = self.decode(z).float()
         return refine(x, y, physics, method=self.refine_method, iters=self.refine_iters, lam_rel=self.refine_lam)
 
+    def _fidelity_grad(self, y: Tensor, physics, z0: Tensor, wrt: Tensor) -> Tensor:
+        """Gradient of ||y - A D(z0)|| w.r.t. ``wrt`` (z_t or z0 itself); the per-image loss is recorded."""
+        loss = self.fidelity(y, physics.A(self.decode(z0).float()))
+        (g,) = torch.autograd.grad(loss.sum(), wrt)
+        self.last_losses.append(loss.detach().cpu().tolist())
+        return g.detach()
+
     @torch.no_grad()
     def _warm_latent(self, y: Tensor, physics, ids: list, noise: Tensor, a_t: float) -> Tensor:
         """sqrt(a_t) E(x_fbp) + sqrt(1 - a_t) n: the encoded FBP image noised to the first timestep."""
-        from ldir_pl.sampling.fbp import FBPReconstructor
-
-        x0 = FBPReconstructor().reconstruct(y, physics, ids).to(self.device)
+        x0 = self._fbp.reconstruct(y, physics, ids).to(self.device)
         if self.prior.kind == "latent":
             z0 = self.prior.vae.encode(x0 * self.scale + self.shift).latent_dist.mean * self.scaling_factor
         else:
@@ -290,16 +291,11 @@ class LDIRSampler:
         """At t = 0 a DDIM step is the identity, so further LDIR iterations are history-gradient steps on
         the clean latent alone (decoder only), continuing the same updater state: they pull the sample
         onto the data while it stays in the decoder's range."""
-        from tqdm.auto import tqdm
-
         lr = self.final_lr if self.final_lr is not None else self.lr * self.lr_end_ratio
         for _ in tqdm(range(self.final_steps), desc=f"{self.name} t=0", disable=not self.progress or not self.final_steps,
                       leave=False):
             z_var = z.detach().requires_grad_(True)
-            loss = self.fidelity(y, physics.A(self.decode(z_var).float()))
-            (g,) = torch.autograd.grad(loss.sum(), z_var)
-            self.last_losses.append(loss.detach().cpu().tolist())
-            z = updater.update(z.detach(), g.detach(), lr)
+            z = updater.update(z.detach(), self._fidelity_grad(y, physics, z_var, z_var), lr)
         return z.detach()
 
     def describe(self) -> dict:
