@@ -191,12 +191,13 @@ def test_saved_bundle_and_hydra_configs(bundle, physics, tmp_path):
     assert json.loads((path / "ldir_prior.json").read_text())["kind"] == "latent"
     y = physics.measure(phantom(1), [0])
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        for name, expect in [("ldir", ("adam", "zt")), ("latent_dps", ("sgd", "zt")), ("ldir_z0", ("adam", "z0"))]:
-            cfg = compose(overrides=[f"+sampler={name}", f"+prior.path={path}", "+seed=3",
+        for name, expect in [("ldir", ("adam", "zt", 1)), ("latent_dps", ("sgd", "zt", 1)),
+                             ("ldir_z0", ("adam", "z0", 1)), ("ldir_mean", ("adam", "zt", 4))]:
+            cfg = compose(overrides=[f"+sampler={name}", f"+prior.path={path}", "+seed=3", "sampler.final_steps=2",
                                      "sampler.num_steps=2", "sampler.progress=false", "sampler.refine_iters=2"])
             s = instantiate(cfg.sampler)
             assert isinstance(s, LDIRSampler) and s.name == name and s.seed == 3
-            assert (s.optimizer, s.grad_wrt) == expect
+            assert (s.optimizer, s.grad_wrt, s.num_samples) == expect
             out = s.reconstruct(y, physics, [0])
             assert out.shape == (1, 1, SIZE, SIZE) and torch.isfinite(out).all()
 
@@ -227,3 +228,22 @@ def test_warm_start_from_fbp_and_final_iterations(bundle, physics):
         make(bundle, warm_start="fbp", warm_start_strength=0.0)
     with pytest.raises(ValueError, match="final_steps"):
         make(bundle, final_steps=-1)
+
+
+def test_num_samples_averages_seeded_samples_in_chunks(bundle, physics):
+    x = phantom(2)
+    ids = ["a", "b"]
+    y = physics.measure(x, ids)
+    s = make(bundle, num_samples=3)
+    avg = s.reconstruct(y, physics, ids)
+    with torch.enable_grad():
+        singles = torch.stack([s._sample(y, physics, [s.sample_id(i, k) for i in ids]) for k in range(3)])
+    assert not torch.allclose(singles[0], singles[1])  # different noise per sample
+    assert torch.allclose(avg, singles.mean(0).clamp(0, 1), atol=1e-5)
+    # sample 0 carries the image's own seed: K = 1 is the single-sample sampler
+    assert torch.allclose(make(bundle).reconstruct(y, physics, ids), singles[0].clamp(0, 1), atol=1e-6)
+    # chunking the 6 latents two at a time (samples of one image split over chunks) changes nothing
+    chunked = make(bundle, num_samples=3, batch_size=2).reconstruct(y, physics, ids)
+    assert torch.allclose(avg, chunked, atol=1e-5)
+    with pytest.raises(ValueError, match="num_samples"):
+        make(bundle, num_samples=0)

@@ -71,6 +71,7 @@ def test_multirun_over_views_writes_joint_table_and_plot(tmp_path):
           "data.num_test=2", "physics.num_views=8,16", "sampler=fbp,tv", "baselines=[]", "num_panels=1"])
     jobs = sorted(p.parent.name for p in sweep.glob("*/summary.json"))
     assert len(jobs) == 4, jobs
+    assert all(j[0].isdigit() and "baselines" not in j and "num_panels" not in j for j in jobs), jobs
     results = json.loads((sweep / "sweep_summary.json").read_text())
     assert set(results) == {"fbp", "tv"} and set(results["tv"]) == {"8", "16"}
     # more views must help both methods, and TV must beat FBP on piecewise-constant phantoms

@@ -10,7 +10,9 @@ Per DDIM step t -> t' (``alpha`` = alpha_bar):
     z'_{t'}  = sqrt(a_t') z0_hat + sqrt(1 - a_t' - sigma^2) eps + sigma n     (DDIM, eta)
     z_{t'}   = z'_{t'} - lr_k * d_k(g_1..g_k)                   (history update: adam | momentum | sgd)
 
-then x = T^{-1}(D(z_0 / s)), optionally refined in pixel space (``refine``) and clamped to [0, 1].
+then x = T^{-1}(D(z_0 / s)); with ``num_samples`` K > 1 the K samples drawn from different noise are
+averaged (a Monte-Carlo posterior mean: its squared error is at most the samples' mean squared error), and
+the result is optionally refined in pixel space (``refine``).
 A pixel prior (``kind='pixel'``) works with the same loop: D is the identity and z lives in image space
 (``PixelDPSSampler``).
 """
@@ -60,7 +62,9 @@ class LDIRSampler:
         seed: global seed; each image's noise comes from ``image_seed(seed, id)``.
         device: ``cpu`` / ``cuda`` / None (auto).
         progress: tqdm bar over sampling steps.
-        batch_size: split large batches into chunks of this size (None: all at once).
+        num_samples: samples per measurement, averaged in image space before refinement; sample 0 uses the
+            image's own seed, so ``num_samples=1`` is the single-sample sampler. Costs K times the time.
+        batch_size: sample at most this many latents at once (measurements x samples; None: all at once).
         guidance_every: guide every k-th step only (counted back from the last step, which is always
             guided); the other steps are plain DDIM steps costing one UNet forward. Saves decoder passes.
         warm_start, warm_start_strength: ``None`` starts from pure noise at t = T (the authors); ``fbp``
@@ -99,6 +103,7 @@ class LDIRSampler:
         seed: int = 0,
         device: Any = None,
         progress: bool = True,
+        num_samples: int = 1,
         batch_size: int | None = None,
         guidance_every: int = 1,
         final_steps: int = 0,
@@ -134,6 +139,9 @@ class LDIRSampler:
         self.refine_method, self.refine_iters, self.refine_lam = refine, int(refine_iters), float(refine_lam)
         self.seed = int(seed)
         self.progress = bool(progress)
+        if int(num_samples) < 1:
+            raise ValueError(f"sampler.num_samples={num_samples}: need at least one sample")
+        self.num_samples = int(num_samples)
         self.batch_size = None if batch_size in (None, 0) else int(batch_size)
         if int(guidance_every) < 1:
             raise ValueError(f"sampler.guidance_every={guidance_every}: must be >= 1")
@@ -209,11 +217,20 @@ class LDIRSampler:
         self._validate(y, physics, ids)
         with torch.inference_mode(False), torch.enable_grad():
             y = y.detach().clone().to(self.device, torch.float32)
-            if self.batch_size is None or y.shape[0] <= self.batch_size:
-                return self._reconstruct(y, physics, ids)
-            outs = [self._reconstruct(y[i:i + self.batch_size], physics, ids[i:i + self.batch_size])
-                    for i in range(0, y.shape[0], self.batch_size)]
-            return torch.cat(outs)
+            k = self.num_samples
+            y_s = y.repeat_interleave(k, dim=0)
+            ids_s = [self.sample_id(i, j) for i in ids for j in range(k)]
+            chunk = self.batch_size or len(ids_s)
+            self.last_losses: list[list[float]] = []
+            x = torch.cat([self._sample(y_s[i:i + chunk], physics, ids_s[i:i + chunk])
+                           for i in range(0, len(ids_s), chunk)])
+            x = x.view(len(ids), k, *x.shape[1:]).mean(dim=1)
+            return refine(x, y, physics, method=self.refine_method, iters=self.refine_iters, lam_rel=self.refine_lam)
+
+    @staticmethod
+    def sample_id(image_id: int | str, k: int) -> int | str:
+        """Noise identity of sample ``k`` of an image: the image's own id for the first sample."""
+        return image_id if k == 0 else f"{image_id}#sample{k}"
 
     def initial_noise(self, ids: Sequence) -> tuple[Tensor, list[torch.Generator]]:
         gens = [torch.Generator().manual_seed(image_seed(self.seed, i)) for i in ids]
@@ -225,7 +242,8 @@ class LDIRSampler:
             return 0.0
         return self.eta * math.sqrt((1 - a_prev) / (1 - a_t)) * math.sqrt(max(0.0, 1 - a_t / a_prev))
 
-    def _reconstruct(self, y: Tensor, physics, ids: list) -> Tensor:
+    def _sample(self, y: Tensor, physics, ids: list) -> Tensor:
+        """One guided sample per measurement, decoded (not refined)."""
         sched = self.scheduler
         alphas = sched.alphas_cumprod.double()
         final_alpha = float(sched.final_alpha_cumprod)
@@ -239,7 +257,6 @@ class LDIRSampler:
             timesteps = [int(t) for t in torch.linspace(t_start, 0, self.num_steps + 1)[:-1].round()]
             z = self._warm_latent(y, physics, ids, z, float(alphas[timesteps[0]]))
         n = len(timesteps)
-        self.last_losses: list[list[float]] = []
         for i, t in enumerate(tqdm(timesteps, desc=self.name, disable=not self.progress, leave=False)):
             a_t = float(alphas[t])
             a_prev = float(alphas[timesteps[i + 1]]) if i + 1 < n else final_alpha
@@ -267,8 +284,7 @@ class LDIRSampler:
             z = z_prev.detach()
         z = self._final_iterations(z, y, physics, updater)
         with torch.no_grad():
-            x = self.decode(z).float()
-        return refine(x, y, physics, method=self.refine_method, iters=self.refine_iters, lam_rel=self.refine_lam)
+            return self.decode(z).float()
 
     def _fidelity_grad(self, y: Tensor, physics, z0: Tensor, wrt: Tensor) -> Tensor:
         """Gradient of ||y - A D(z0)|| w.r.t. ``wrt`` (z_t or z0 itself); the per-image loss is recorded."""
@@ -304,7 +320,8 @@ class LDIRSampler:
             "step_schedule": self.step_schedule, "optimizer": self.optimizer, "grad_wrt": self.grad_wrt,
             "fidelity": self.fidelity.describe(), "clamp_z0": self.clamp_z0,
             "refine": {"method": self.refine_method, "iters": self.refine_iters, "lam": self.refine_lam},
-            "guidance_every": self.guidance_every, "final_steps": self.final_steps, "final_lr": self.final_lr,
+            "num_samples": self.num_samples, "guidance_every": self.guidance_every,
+            "final_steps": self.final_steps, "final_lr": self.final_lr,
             "warm_start": self.warm_start, "warm_start_strength": self.warm_start_strength,
             "seed": self.seed, "prior_kind": self.prior.kind,
         }
