@@ -230,23 +230,24 @@ class BatchSizeLRSearch(pl.Callback):
                 self._search(trainer, pl_module, swap, self._round(self.init_batch or cur_local * world, world), world)
                 self._confirm(trainer, pl_module, swap)
             chosen = choose_batch(self.trials, self.tolerance)
+            ok = [t for t in merge_trials(self.trials) if t.status == "ok"]  # repeats averaged
             b_crit = math.nan
             if self.critical_batch:
                 b_crit = self._critical_batch(trainer, pl_module, chosen.batch // world, world)
                 if math.isfinite(b_crit):
-                    fitting = [t for t in merge_trials(self.trials) if t.status == "ok" and t.batch <= max(b_crit, 1)]
+                    fitting = [t for t in ok if t.batch <= max(b_crit, 1)]
                     if fitting:
                         capped = max(fitting, key=lambda t: t.batch)
                         chosen = capped if capped.batch < chosen.batch else chosen
                     else:
-                        chosen = min((t for t in merge_trials(self.trials) if t.status == "ok"), key=lambda t: t.batch)
+                        chosen = min(ok, key=lambda t: t.batch)
         finally:
             del pl_module.log, pl_module.log_dict
             self._searching = False
             self._restore_state(trainer, pl_module, saved)
             if swap is not None:
                 swap.abort_step()
-        best = max(t.throughput for t in merge_trials(self.trials) if t.status == "ok")
+        best = max(t.throughput for t in ok)
         new_lr = scale_lr(ref_lr, ref_batch, chosen.batch, self.lr_rule)
         decision = {
             "batch_size": chosen.batch,

@@ -401,14 +401,13 @@ def bench_search(args: argparse.Namespace, device: torch.device) -> dict[str, An
     t_brute = time.perf_counter() - t0
     table = {t.batch: t.throughput for t in brute.trials if t.status == "ok"}
     best_b = max(table, key=table.get)
-    near = chosen
     return {
         "chosen_batch": chosen,
         "chosen_lr": search.result["lr"],
         "search_table": {t.batch: round(t.throughput, 1) for t in search.trials},
         "brute_force_table": {b: round(v, 1) for b, v in table.items()},
         "brute_best_batch": best_b,
-        "chosen_vs_brute_best": table[near] / table[best_b],
+        "chosen_vs_brute_best": table[chosen] / table[best_b],
         "search_s": t_search,
         "brute_force_s": t_brute,
     }

@@ -31,20 +31,17 @@ def vae_fidelity(prior: str, data_root: str, split: str, max_images: int | None,
 
     from ldir_pl.data import DicomDataModule
     from ldir_pl.metrics import image_metrics
-    from ldir_pl.models.bundle import load_prior
-    from ldir_pl.sampling.prior_loading import intensity_transform
+    from ldir_pl.sampling.ldir import LDIRSampler
 
-    bundle = load_prior(prior, "cpu", kind="latent")
-    dm = DicomDataModule(root=data_root, image_size=int(bundle.image_size), predict_split=split,
+    sampler = LDIRSampler(prior, device="cpu", progress=False)  # its encode/decode: the bundle's own transforms
+    dm = DicomDataModule(root=data_root, image_size=int(sampler.prior.image_size), predict_split=split,
                          max_images=max_images)
     items = dm.items(split)
-    scale, shift = intensity_transform(bundle.metadata)
     psnr, ssim = [], []
     with torch.no_grad():
         for i in range(0, len(items), 4):
             x = torch.stack([load() for _, load in items[i:i + 4]])
-            z = bundle.vae.encode(x * scale + shift).latent_dist.mean
-            xr = ((bundle.vae.decode(z).sample - shift) / scale).clamp(0, 1)
+            xr = sampler.decode(sampler.encode(x)).clamp(0, 1)
             m = image_metrics(xr, x)
             psnr += m["psnr"].tolist()
             ssim += m["ssim"].tolist()

@@ -177,6 +177,13 @@ class LDIRSampler:
             out = z
         return (out - self.shift) / self.scale
 
+    def encode(self, x: Tensor) -> Tensor:
+        """Image in [0, 1] -> scaled latent (the VAE posterior mean; the inverse of ``decode``)."""
+        u = x * self.scale + self.shift
+        if self.prior.kind == "latent":
+            return self.prior.vae.encode(u).latent_dist.mean * self.scaling_factor
+        return u
+
     def _predict(self, z: Tensor, t: int, a_t: float) -> tuple[Tensor, Tensor]:
         """(eps, z0_hat) from the UNet output at timestep ``t``."""
         tt = torch.full((z.shape[0],), int(t), device=z.device, dtype=torch.long)
@@ -296,11 +303,7 @@ class LDIRSampler:
     @torch.no_grad()
     def _warm_latent(self, y: Tensor, physics, ids: list, noise: Tensor, a_t: float) -> Tensor:
         """sqrt(a_t) E(x_fbp) + sqrt(1 - a_t) n: the encoded FBP image noised to the first timestep."""
-        x0 = self._fbp.reconstruct(y, physics, ids).to(self.device)
-        if self.prior.kind == "latent":
-            z0 = self.prior.vae.encode(x0 * self.scale + self.shift).latent_dist.mean * self.scaling_factor
-        else:
-            z0 = x0 * self.scale + self.shift
+        z0 = self.encode(self._fbp.reconstruct(y, physics, ids).to(self.device))
         return math.sqrt(a_t) * z0 + math.sqrt(1.0 - a_t) * noise
 
     def _final_iterations(self, z: Tensor, y: Tensor, physics, updater) -> Tensor:
