@@ -1,6 +1,7 @@
 """LDIR sampler with tiny real diffusers models and a real 32x32 parallel-beam Physics."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -9,9 +10,11 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
 
 from ldir_pl.models.bundle import PriorBundle
 from ldir_pl.physics import GaussianNoise, Physics
+from ldir_pl.sampling.fbp import FBPReconstructor
 from ldir_pl.sampling.fidelity import DataFidelity
 from ldir_pl.sampling.ldir import LDIRSampler
 from ldir_pl.sampling.refine import operator_norm_sq, refine
+from ldir_pl.sampling.tv import TVReconstructor
 
 SIZE = 32
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -191,13 +194,14 @@ def test_saved_bundle_and_hydra_configs(bundle, physics, tmp_path):
     assert json.loads((path / "ldir_prior.json").read_text())["kind"] == "latent"
     y = physics.measure(phantom(1), [0])
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        for name, expect in [("ldir", ("adam", "zt", 1)), ("latent_dps", ("sgd", "zt", 1)),
-                             ("ldir_z0", ("adam", "z0", 1)), ("ldir_mean", ("adam", "zt", 4))]:
+        for name, expect in [("ldir", ("adam", "zt", 1, "fbp")), ("latent_dps", ("sgd", "zt", 1, "fbp")),
+                             ("ldir_z0", ("adam", "z0", 1, "fbp")), ("ldir_mean", ("adam", "zt", 4, "fbp")),
+                             ("ldir_tv", ("adam", "zt", 1, "tv"))]:
             cfg = compose(overrides=[f"+sampler={name}", f"+prior.path={path}", "+seed=3", "sampler.final_steps=2",
                                      "sampler.num_steps=2", "sampler.progress=false", "sampler.refine_iters=2"])
             s = instantiate(cfg.sampler)
             assert isinstance(s, LDIRSampler) and s.name == name and s.seed == 3
-            assert (s.optimizer, s.grad_wrt, s.num_samples) == expect
+            assert (s.optimizer, s.grad_wrt, s.num_samples, s.warm_start) == expect
             out = s.reconstruct(y, physics, [0])
             assert out.shape == (1, 1, SIZE, SIZE) and torch.isfinite(out).all()
 
@@ -223,11 +227,32 @@ def test_warm_start_from_fbp_and_final_iterations(bundle, physics):
     assert len(more.last_losses) == 4 + 6
     assert (fid(y, physics.A(r1)) < fid(y, physics.A(r0))).all()
     with pytest.raises(ValueError, match="warm_start"):
-        make(bundle, warm_start="tv")
+        make(bundle, warm_start="art")
     with pytest.raises(ValueError, match="warm_start_strength"):
         make(bundle, warm_start="fbp", warm_start_strength=0.0)
     with pytest.raises(ValueError, match="final_steps"):
         make(bundle, final_steps=-1)
+
+
+def test_warm_start_from_tv_encodes_the_tv_image_once_per_measurement(bundle, physics):
+    x = phantom(2)
+    y = physics.measure(x, [0, 1])
+    s = make(bundle, warm_start="tv", warm_start_strength=0.05, num_steps=2, grad_wrt="z0", num_samples=2)
+    tv, fbp = TVReconstructor().reconstruct(y, physics, [0, 1]), FBPReconstructor().reconstruct(y, physics, [0, 1])
+    assert torch.allclose(s.warm_image(y, physics, [0, 1]), tv, atol=1e-6)
+    assert (tv - fbp).abs().max() > 1e-2
+    # the sampler starts from sqrt(a0) E(x_tv) + sqrt(1 - a0) n, with the TV image computed once per measurement
+    calls, starts = [], []
+    orig_recon, orig_predict = s._warm_recon.reconstruct, s._predict
+    s._warm_recon.reconstruct = lambda *a: (calls.append(a[0].shape[0]), orig_recon(*a))[1]
+    s._predict = lambda z, t, a: (starts.append((z.detach().clone(), a)) if not starts else None, orig_predict(z, t, a))[1]
+    out = s.reconstruct(y, physics, [0, 1])
+    assert calls == [2] and torch.isfinite(out).all()
+    z_start, a0 = starts[0]
+    noise, _ = s.initial_noise([s.sample_id(i, k) for i in (0, 1) for k in range(2)])
+    with torch.no_grad():
+        want = math.sqrt(a0) * s.encode(tv.repeat_interleave(2, dim=0)) + math.sqrt(1 - a0) * noise
+    assert torch.allclose(z_start, want, atol=1e-5)
 
 
 def test_num_samples_averages_seeded_samples_in_chunks(bundle, physics):

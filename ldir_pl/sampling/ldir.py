@@ -33,9 +33,10 @@ from ldir_pl.sampling.fidelity import DataFidelity
 from ldir_pl.sampling.history import OPTIMIZERS, STEP_SCHEDULES, make_updater, step_size_schedule
 from ldir_pl.sampling.prior_loading import intensity_transform, resolve_prior
 from ldir_pl.sampling.refine import REFINE_METHODS, refine
+from ldir_pl.sampling.tv import TVReconstructor
 
 GRAD_WRT = ("zt", "z0")
-WARM_STARTS = (None, "fbp")
+WARM_STARTS = (None, "fbp", "tv")
 
 
 def _auto_device(device: Any) -> torch.device:
@@ -68,9 +69,9 @@ class LDIRSampler:
         guidance_every: guide every k-th step only (counted back from the last step, which is always
             guided); the other steps are plain DDIM steps costing one UNet forward. Saves decoder passes.
         warm_start, warm_start_strength: ``None`` starts from pure noise at t = T (the authors); ``fbp``
-            encodes the FBP image, noises it to t = strength * T and samples from there with
-            ``num_steps`` steps (the SDEdit / come-closer-diffuse-faster start): the prior only has to
-            remove streaks instead of inventing the anatomy.
+            (or ``tv``) encodes the FBP (TV) image, noises it to t = strength * T and samples from there
+            with ``num_steps`` steps (the SDEdit / come-closer-diffuse-faster start): the prior only has to
+            remove streaks (or TV's staircase) instead of inventing the anatomy.
         final_steps, final_lr: history-gradient iterations on the clean latent after the last DDIM step
             (decoder only; ``final_lr`` None = ``lr * lr_end_ratio``).
     """
@@ -155,7 +156,8 @@ class LDIRSampler:
         if not 0.0 < float(warm_start_strength) <= 1.0:
             raise ValueError(f"sampler.warm_start_strength={warm_start_strength}: expected a value in (0, 1]")
         self.warm_start, self.warm_start_strength = warm_start, float(warm_start_strength)
-        self._fbp = FBPReconstructor() if warm_start == "fbp" else None  # keeps its ODL operator per geometry
+        # the classical reconstruction the warm start encodes; it keeps its operators per geometry
+        self._warm_recon = {"fbp": FBPReconstructor, "tv": TVReconstructor}[warm_start]() if warm_start else None
         self.scale, self.shift = intensity_transform(getattr(self.prior, "metadata", {}))
         self.scaling_factor = float(self.prior.scaling_factor) if self.prior.kind == "latent" else 1.0
         self.latent_shape = tuple(int(s) for s in self.prior.latent_shape)
@@ -227,9 +229,12 @@ class LDIRSampler:
             k = self.num_samples
             y_s = y.repeat_interleave(k, dim=0)
             ids_s = [self.sample_id(i, j) for i in ids for j in range(k)]
+            # the warm-start image is computed once per measurement, not once per sample
+            warm = self.warm_image(y, physics, ids).repeat_interleave(k, dim=0) if self.warm_start else None
             chunk = self.batch_size or len(ids_s)
             self.last_losses: list[list[float]] = []
-            x = torch.cat([self._sample(y_s[i:i + chunk], physics, ids_s[i:i + chunk])
+            x = torch.cat([self._sample(y_s[i:i + chunk], physics, ids_s[i:i + chunk],
+                                        None if warm is None else warm[i:i + chunk])
                            for i in range(0, len(ids_s), chunk)])
             x = x.view(len(ids), k, *x.shape[1:]).mean(dim=1)
             return refine(x, y, physics, method=self.refine_method, iters=self.refine_iters, lam_rel=self.refine_lam)
@@ -249,8 +254,8 @@ class LDIRSampler:
             return 0.0
         return self.eta * math.sqrt((1 - a_prev) / (1 - a_t)) * math.sqrt(max(0.0, 1 - a_t / a_prev))
 
-    def _sample(self, y: Tensor, physics, ids: list) -> Tensor:
-        """One guided sample per measurement, decoded (not refined)."""
+    def _sample(self, y: Tensor, physics, ids: list, warm: Tensor | None = None) -> Tensor:
+        """One guided sample per measurement, decoded (not refined); ``warm``: the warm-start images."""
         sched = self.scheduler
         alphas = sched.alphas_cumprod.double()
         final_alpha = float(sched.final_alpha_cumprod)
@@ -262,7 +267,9 @@ class LDIRSampler:
         else:
             t_start = int(round(self.warm_start_strength * (sched.config.num_train_timesteps - 1)))
             timesteps = [int(t) for t in torch.linspace(t_start, 0, self.num_steps + 1)[:-1].round()]
-            z = self._warm_latent(y, physics, ids, z, float(alphas[timesteps[0]]))
+            a0 = float(alphas[timesteps[0]])
+            with torch.no_grad():  # sqrt(a0) E(x_warm) + sqrt(1 - a0) n: the warm image noised to t0
+                z = math.sqrt(a0) * self.encode(warm.to(self.device)) + math.sqrt(1.0 - a0) * z
         n = len(timesteps)
         for i, t in enumerate(tqdm(timesteps, desc=self.name, disable=not self.progress, leave=False)):
             a_t = float(alphas[t])
@@ -301,10 +308,9 @@ class LDIRSampler:
         return g.detach()
 
     @torch.no_grad()
-    def _warm_latent(self, y: Tensor, physics, ids: list, noise: Tensor, a_t: float) -> Tensor:
-        """sqrt(a_t) E(x_fbp) + sqrt(1 - a_t) n: the encoded FBP image noised to the first timestep."""
-        z0 = self.encode(self._fbp.reconstruct(y, physics, ids).to(self.device))
-        return math.sqrt(a_t) * z0 + math.sqrt(1.0 - a_t) * noise
+    def warm_image(self, y: Tensor, physics, ids: Sequence) -> Tensor:
+        """The classical reconstruction (FBP or TV) a warm start encodes."""
+        return self._warm_recon.reconstruct(y, physics, list(ids)).to(self.device)
 
     def _final_iterations(self, z: Tensor, y: Tensor, physics, updater) -> Tensor:
         """At t = 0 a DDIM step is the identity, so further LDIR iterations are history-gradient steps on
