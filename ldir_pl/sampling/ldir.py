@@ -269,7 +269,7 @@ class LDIRSampler:
             timesteps = [int(t) for t in torch.linspace(t_start, 0, self.num_steps + 1)[:-1].round()]
             a0 = float(alphas[timesteps[0]])
             with torch.no_grad():  # sqrt(a0) E(x_warm) + sqrt(1 - a0) n: the warm image noised to t0
-                z = math.sqrt(a0) * self.encode(warm.to(self.device)) + math.sqrt(1.0 - a0) * z
+                z = math.sqrt(a0) * self.encode(warm) + math.sqrt(1.0 - a0) * z
         n = len(timesteps)
         for i, t in enumerate(tqdm(timesteps, desc=self.name, disable=not self.progress, leave=False)):
             a_t = float(alphas[t])
