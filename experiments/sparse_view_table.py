@@ -1,12 +1,14 @@
 """Sparse-view table end to end: a Hydra multirun of ``ldir-reconstruct`` over views x methods.
 
-    python experiments/sparse_view_table.py --prior outputs/ct_dicom_cpu/prior --out outputs/sparse_view_table
+    python experiments/sparse_view_table.py --prior outputs/ct_cpu/prior --out outputs/sparse_view_table -- data.batch_size=2
     python experiments/sparse_view_table.py --prior P --views 23 10 --methods ldir latent_dps --max-images 4 \
         -- sampler.num_steps=30
 
 Runs ``python -m ldir_pl.reconstruct -m physics.num_views=<views> sampler=<methods>`` with FBP and TV as
-baselines in every job, on the held-out patients of ``../shared/data/ct-dicom`` (``data.predict_split=val``:
-the same patient split as ``ldir-train``; reference protocol: 256x256, 1% Gaussian noise). Next to the
+baselines in every job, on the *test* patients of ``../shared/data/ct-dicom`` (``data.predict_split=test``:
+the patient split of ``data=dicom`` / ``data=ct_mix``, which no training, checkpoint choice or sampler tuning
+sees; tune with ``experiments/tune_sampler.py`` on the validation patients; reference protocol: 256x256,
+1% Gaussian noise). Next to the
 methods it measures the VAE's own fidelity on the same images (encode the ground truth, decode), the cap
 of any purely latent method. Writes ``OUT/<job>/`` (each job's summary, panels, configs),
 ``OUT/table.md``, ``OUT/psnr_vs_views.png`` and ``OUT/sweep_summary.json``, and prints the table.
@@ -28,15 +30,19 @@ sys.path.insert(0, str(ROOT))
 def vae_fidelity(prior: str, data_root: str, split: str, max_images: int | None, views: list[int]) -> dict:
     """PSNR/SSIM of decode(encode(x)) on the evaluated images (posterior mean, no sampling)."""
     import torch
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
 
-    from ldir_pl.data import DicomDataModule
+    from ldir_pl.conf_dir import CONF_DIR
     from ldir_pl.metrics import image_metrics
     from ldir_pl.sampling.ldir import LDIRSampler
 
     sampler = LDIRSampler(prior, device="cpu", progress=False)  # its encode/decode: the bundle's own transforms
-    dm = DicomDataModule(root=data_root, image_size=int(sampler.prior.image_size), predict_split=split,
-                         max_images=max_images)
-    items = dm.items(split)
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):  # the app's data config: the same split
+        cfg = compose("reconstruct", overrides=[
+            "data=dicom", f"data.root={data_root}", f"data.image_size={int(sampler.prior.image_size)}",
+            f"data.max_images={'null' if max_images is None else max_images}"])
+    items = instantiate(cfg.data).items(split)
     psnr, ssim = [], []
     with torch.no_grad():
         for i in range(0, len(items), 4):
@@ -56,10 +62,10 @@ def main() -> None:
     ap.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data" / "ct-dicom"))
     ap.add_argument("--out", default="outputs/sparse_view_table")
     ap.add_argument("--views", type=int, nargs="+", default=[23, 10])
-    ap.add_argument("--methods", nargs="+", default=["ldir", "ldir_z0", "ldir_norefine", "latent_dps"],
+    ap.add_argument("--methods", nargs="+", default=["ldir"],
                     help="names of conf/sampler/*.yaml swept as the main method")
     ap.add_argument("--baselines", nargs="+", default=["fbp", "tv"])
-    ap.add_argument("--split", default="val", help="data.predict_split: val = patients the prior did not see")
+    ap.add_argument("--split", default="test", help="data.predict_split: test = patients nothing was tuned on")
     ap.add_argument("--max-images", type=int, default=None)
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job (after --)")
     args = ap.parse_args()

@@ -273,9 +273,9 @@ def compose_config(overrides: Sequence[str] = (), return_hydra_config: bool = Fa
         return compose(config_name="train", overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
-def train_demo_prior(output_dir: str | Path, overrides: Sequence[str] = ()) -> Path:
-    """Train the ``demo`` experiment's prior into ``output_dir``; returns ``output_dir/prior``."""
-    cfg = compose_config(["experiment=demo", f"output_dir={Path(output_dir).resolve()}", *overrides])
+def train_demo_prior(output_dir: str | Path, experiment: str = "demo", overrides: Sequence[str] = ()) -> Path:
+    """Train a demo experiment's prior into ``output_dir``; returns ``output_dir/prior``."""
+    cfg = compose_config([f"experiment={experiment}", f"output_dir={Path(output_dir).resolve()}", *overrides])
     return train_prior(cfg)
 
 

@@ -98,3 +98,38 @@ def test_ema_and_schedules():
     assert make_ddpm_scheduler(beta_schedule="cosine").config.beta_schedule == "squaredcos_cap_v2"
     with pytest.raises(ValueError, match="beta_schedule"):
         make_ddpm_scheduler(beta_schedule="quadratic")
+
+
+def test_latent_cache_encodes_each_training_image_once(vae_dir, tmp_path):
+    from test_nifti_mix import _write
+
+    from ldir_pl.data import NiftiDataModule
+
+    vol = (smooth_images(12).squeeze(1).permute(1, 2, 0).numpy() * 2000 - 1000).astype("int16")
+    (tmp_path / "vols").mkdir()
+    _write(tmp_path / "vols" / "a.nii.gz", vol)
+    dm = NiftiDataModule(root=str(tmp_path / "vols"), image_size=32, batch_size=4, val_fraction=0.0)
+    pl.seed_everything(0)
+    module = ldm(vae_dir, cache_latents=True, sample_posterior=True, num_val_samples=0)
+    calls = []
+    encode = module.vae.encode
+    module.vae.encode = lambda x: (calls.append(x.shape[0]), encode(x))[1]
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, default_root_dir=tmp_path,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         limit_val_batches=0)
+    trainer.fit(module, datamodule=dm)
+    assert sum(calls) == 12  # once per training image, none per step
+    assert module._cache.shape == (12, 8, 8, 8)  # mean and std of 4 latent channels at 32 / 4
+    assert int(module.ema.num_updates) == 6 and float(module.scaling_factor) > 0
+    # within an epoch every cached latent is drawn once
+    module._order = None
+    module._cache = torch.arange(12.0).view(12, 1, 1, 1).repeat(1, 2, 1, 1)
+    module._cache[:, 1] = 0  # zero std: the draw is the mean, i.e. the index
+    module.scaling_factor.fill_(1.0)
+    drawn = torch.cat([module._cached_latents(4).flatten() for _ in range(3)])
+    assert sorted(drawn.tolist()) == list(range(12))
+    # augmented data cannot be cached
+    dm.augment = True
+    with pytest.raises(ValueError, match="stages.ldm.data.augment=false"):
+        pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, default_root_dir=tmp_path,
+                   enable_progress_bar=False).fit(ldm(vae_dir, cache_latents=True), datamodule=dm)

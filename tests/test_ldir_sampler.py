@@ -272,3 +272,41 @@ def test_num_samples_averages_seeded_samples_in_chunks(bundle, physics):
     assert torch.allclose(avg, chunked, atol=1e-5)
     with pytest.raises(ValueError, match="num_samples"):
         make(bundle, num_samples=0)
+
+
+def test_tv_refinement_is_anchored_tv(physics):
+    x = phantom(2)
+    y = physics.measure(x, [0, 1])
+    anchor = (x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    tv = TVReconstructor(weight=3e-5, iterations=60)
+    # no anchor weight: the TV problem itself, started from the given image
+    free = refine(anchor, y, physics, method="tv", iters=60, lam_rel=0.0, tv_weight=3e-5)
+    assert torch.allclose(free, tv._torch(y, anchor, physics).clamp(0, 1), atol=1e-6)
+    # a heavy anchor keeps the image; a light one moves it towards the data
+    held = refine(anchor, y, physics, method="tv", iters=60, lam_rel=1e3)
+    assert (held - anchor).abs().max() < 1e-2
+    res = {lam: float((physics.A(refine(anchor, y, physics, method="tv", iters=60, lam_rel=lam)) - y).norm())
+           for lam in (0.0, 0.05, 1e3)}
+    assert res[0.0] < res[0.05] < res[1e3]
+    assert free.min() >= 0 and free.max() <= 1
+
+
+def test_hard_data_consistency_pulls_the_sample_onto_the_data(bundle, physics):
+    x = phantom(2)
+    y = physics.measure(x, [0, 1])
+    fid = DataFidelity(2, squared=True)
+    plain = make(bundle, lr=0.0, num_steps=3, grad_wrt="z0")
+    dc = make(bundle, lr=0.0, num_steps=3, grad_wrt="z0", dc_iters=5, dc_lam=0.01)
+    calls = []
+    orig = dc._data_consistent
+    dc._data_consistent = lambda z0, yy, ph: (calls.append(z0.shape), orig(z0, yy, ph))[1]
+    r0, r1 = plain.reconstruct(y, physics, [0, 1]), dc.reconstruct(y, physics, [0, 1])
+    assert len(calls) == 3  # once per DDIM step
+    assert (fid(y, physics.A(r1)) < fid(y, physics.A(r0))).all()
+    # the step is E(CG(D(z0))): what the loop feeds the DDIM update
+    z0 = torch.randn(2, *bundle.latent_shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = dc.encode(refine(dc.decode(z0), y, physics, method="cg", iters=5, lam_rel=0.01))
+    assert torch.allclose(orig(z0, y, physics), want, atol=1e-5)
+    with pytest.raises(ValueError, match="dc_iters"):
+        make(bundle, dc_iters=-1)

@@ -94,9 +94,31 @@ def test_ddp_two_cpu_processes(tmp_path):
 
 
 def test_compose_and_presets_resolve():
-    for exp in ("demo", "ct_dicom_cpu", "lodopab_256", "mayo_256"):
-        cfg = compose_config([f"experiment={exp}"] + ([] if exp == "demo" else ["data.root=/some/dir"]))
+    data = {"demo": [], "ct_cpu": ["paths.data_dir=/d"], "ct_gpu": ["paths.data_dir=/d"]}
+    for exp in ("demo", "ct_cpu", "ct_gpu", "lodopab_256", "mayo_256"):
+        cfg = compose_config([f"experiment={exp}"] + data.get(exp, ["data.root=/some/dir"]))
         assert cfg.model.ldm.scheduler.clip_sample is False
         assert cfg.data.image_size % cfg.model.vae.downsample_factor == 0
     cfg = compose_config(["hparams_search=vae_optuna"], return_hydra_config=True)
     assert cfg.hydra.sweeper.direction == "maximize" and cfg.stage == "vae"
+
+
+@pytest.mark.parametrize("exp", ["ct_cpu", "ct_gpu"])
+def test_ct_recipes_train_two_steps_on_cpu(exp, tmp_path):
+    """The recipes as configured (models, ct_mix data, latent cache), on tiny DICOM + NIfTI sources."""
+    from test_nifti_mix import _sources
+
+    from ldir_pl.train import train_prior
+
+    _sources(tmp_path)
+    steps = [f"++stages.{s}.trainer.{k}={v}" for s in ("vae", "ldm")
+             for k, v in (("max_steps", 2), ("max_epochs", 1), ("check_val_every_n_epoch", 1))]
+    cfg = compose_config([f"experiment={exp}", f"paths.data_dir={tmp_path}", f"output_dir={tmp_path / 'out'}",
+                          "trainer=cpu", "logger=none", "data.image_size=32", "++stages.vae.data.batch_size=4",
+                          "++stages.ldm.data.batch_size=4", "model.ldm.num_val_samples=1",
+                          "model.ldm.val_inference_steps=2", "trainer.num_sanity_val_steps=0",
+                          "callbacks.progress_bar.refresh_rate=100", *steps])
+    assert cfg.data.sources.dicom.test_fraction > 0 and cfg.model.ldm.cache_latents
+    bundle = load_prior(train_prior(cfg))
+    assert bundle.latent_shape == (8, 8, 8)
+    assert bundle.metadata["training_config"]["experiment_name"] == exp

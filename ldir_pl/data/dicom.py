@@ -18,7 +18,7 @@ class DicomDataModule(SliceDataModule):
     """Slices are read, converted HU -> [0,1] and resized once at setup: every file is validated before
     any training or reconstruction starts, and epochs do not re-decode DICOM."""
 
-    def __init__(self, root: str, val_fraction: float = 0.2, test_fraction: float = 0.0, **kwargs) -> None:
+    def __init__(self, root: str, val_fraction: float = 0.2, test_fraction: float = 0.2, **kwargs) -> None:
         super().__init__(**kwargs)
         self.root = root
         self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)

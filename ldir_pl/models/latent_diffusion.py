@@ -177,6 +177,7 @@ class LatentDiffusionModule(DiffusionModule):
         scaling_factor: float | None = None,
         scale_estimation_batches: int = 8,
         sample_posterior: bool = True,
+        cache_latents: bool = False,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
         warmup_steps: int = 500,
@@ -196,6 +197,8 @@ class LatentDiffusionModule(DiffusionModule):
         self.latent_size = image_size // factor
         self.register_buffer("scaling_factor", torch.tensor(float(scaling_factor or 0.0)))
         self._init_networks(self.vae.config.latent_channels, self.latent_size)
+        self._cache: torch.Tensor | None = None  # (N, 2C, h, w) posterior mean and std of every training image
+        self._order: torch.Tensor | None = None
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -209,6 +212,34 @@ class LatentDiffusionModule(DiffusionModule):
     def _raw_latents(self, x: torch.Tensor) -> torch.Tensor:
         dist = self.vae.encode(to_model(x)).latent_dist
         return dist.sample() if self.hparams.sample_posterior else dist.mode()
+
+    # --- latent cache: the frozen encoder costs more than a UNet step, so encode each image once ---
+    @torch.no_grad()
+    def build_latent_cache(self, images: list[torch.Tensor], batch_size: int = 16) -> torch.Tensor:
+        """Posterior mean and std of each (1,H,W) training image, concatenated on channels."""
+        out = []
+        for i in range(0, len(images), batch_size):
+            x = torch.stack(images[i:i + batch_size]).to(self.device)
+            dist = self.vae.encode(to_model(x)).latent_dist
+            out.append(torch.cat([dist.mean, dist.std], dim=1).cpu())
+        return torch.cat(out)
+
+    def _cached_latents(self, n: int) -> torch.Tensor:
+        """The next ``n`` cached latents of this epoch's permutation (a new one when it runs out)."""
+        if self._order is None or len(self._order) < n:
+            self._order = torch.randperm(len(self._cache), generator=self._perm_gen)
+        idx, self._order = self._order[:n], self._order[n:]
+        mean, std = self._cache[idx].to(self.device).chunk(2, dim=1)
+        z = mean + std * torch.randn_like(std) if self.hparams.sample_posterior else mean
+        return z * self.scaling_factor
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        if self._cache is None:
+            return super().training_step(batch, batch_idx)
+        # the loader paces the epoch; the latents of as many training images come from the cache
+        loss = self.diffusion_loss(self._cached_latents(batch.shape[0]), self.unet)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self._raw_latents(x) * self.scaling_factor
@@ -233,11 +264,29 @@ class LatentDiffusionModule(DiffusionModule):
         return float(1.0 / var.clamp_min(1e-12).sqrt())
 
     def on_fit_start(self) -> None:
+        if self.hparams.cache_latents:
+            dm = self.trainer.datamodule
+            if dm is None or not hasattr(dm, "items"):
+                raise ValueError("model.ldm.cache_latents=true needs a slice data module (data=dicom|nifti|ct_mix|"
+                                 "folder|...) that lists its training images")
+            if getattr(dm, "augment", False):
+                raise ValueError("model.ldm.cache_latents=true caches un-augmented latents: set data.augment=false "
+                                 "for the ldm stage (stages.ldm.data.augment=false)")
+            self._cache = self.build_latent_cache([load() for _, load in dm.items("train")])
+            # each rank walks its own permutation of the cache
+            self._perm_gen = torch.Generator().manual_seed(torch.initial_seed() + 7919 * self.global_rank)
+            self.print(f"cached the latents of {len(self._cache)} training images")
         if float(self.scaling_factor) > 0:  # given, or restored from a checkpoint
             return
-        dm = self.trainer.datamodule
-        loader = dm.train_dataloader() if dm is not None else self.trainer.fit_loop._data_source.dataloader()
-        sf = self.estimate_scaling_factor(loader)
+        if self._cache is not None:  # every training latent is at hand, the same on every rank
+            mean, std = (t.double() for t in self._cache.chunk(2, dim=1))
+            # variance of a posterior sample: of the means, plus the mean posterior variance
+            var = mean.var() + (std.pow(2).mean() if self.hparams.sample_posterior else 0.0)
+            sf = float(1.0 / var.clamp_min(1e-24).sqrt())
+        else:
+            dm = self.trainer.datamodule
+            loader = dm.train_dataloader() if dm is not None else self.trainer.fit_loop._data_source.dataloader()
+            sf = self.estimate_scaling_factor(loader)
         self.scaling_factor.fill_(sf)
         self.print(f"latent scaling factor estimated from training data: {sf:.5f}")
 

@@ -59,7 +59,11 @@ class LDIRSampler:
         grad_wrt: ``zt`` (through UNet and decoder, as the authors) or ``z0`` (decoder only: cheaper).
         p, squared, normalize: data-fidelity ||y - A x||_p (see ``DataFidelity``).
         clamp_z0: clamp the predicted clean latent to [-c, c] (None: no clamp).
-        refine, refine_iters, refine_lam: final pixel-space data consistency (``cg`` | ``gd`` | ``none``).
+        refine, refine_iters, refine_lam, refine_tv_weight: final pixel-space data consistency
+            (``cg`` | ``gd`` | ``tv`` | ``none``; ``tv`` adds ``refine_tv_weight`` * TV, see ``refine``).
+        dc_iters, dc_lam: hard data consistency inside the loop (DDS / ReSample style): at every step the
+            predicted clean image D(z0_hat) takes ``dc_iters`` CG steps towards the data (proximal weight
+            ``dc_lam``) and is encoded back before the DDIM update; 0 = off.
         seed: global seed; each image's noise comes from ``image_seed(seed, id)``.
         device: ``cpu`` / ``cuda`` / None (auto).
         progress: tqdm bar over sampling steps.
@@ -98,9 +102,12 @@ class LDIRSampler:
         squared: bool = True,
         normalize: bool = False,
         clamp_z0: float | None = None,
-        refine: str = "cg",
-        refine_iters: int = 10,
-        refine_lam: float = 0.02,
+        refine: str = "tv",
+        refine_iters: int = 200,
+        refine_lam: float = 0.002,
+        refine_tv_weight: float = 3e-5,
+        dc_iters: int = 0,
+        dc_lam: float = 0.02,
         seed: int = 0,
         device: Any = None,
         progress: bool = True,
@@ -138,6 +145,10 @@ class LDIRSampler:
         self.fidelity = DataFidelity(p, squared, normalize)
         self.clamp_z0 = None if clamp_z0 is None else float(clamp_z0)
         self.refine_method, self.refine_iters, self.refine_lam = refine, int(refine_iters), float(refine_lam)
+        self.refine_tv_weight = float(refine_tv_weight)
+        if int(dc_iters) < 0:
+            raise ValueError(f"sampler.dc_iters={dc_iters}: must be >= 0")
+        self.dc_iters, self.dc_lam = int(dc_iters), float(dc_lam)
         self.seed = int(seed)
         self.progress = bool(progress)
         if int(num_samples) < 1:
@@ -237,7 +248,8 @@ class LDIRSampler:
                                         None if warm is None else warm[i:i + chunk])
                            for i in range(0, len(ids_s), chunk)])
             x = x.view(len(ids), k, *x.shape[1:]).mean(dim=1)
-            return refine(x, y, physics, method=self.refine_method, iters=self.refine_iters, lam_rel=self.refine_lam)
+            return refine(x, y, physics, method=self.refine_method, iters=self.refine_iters, lam_rel=self.refine_lam,
+                          tv_weight=self.refine_tv_weight)
 
     @staticmethod
     def sample_id(image_id: int | str, k: int) -> int | str:
@@ -288,6 +300,8 @@ class LDIRSampler:
                 var = z0_g = z0.detach().requires_grad_(lr != 0.0)
             g = self._fidelity_grad(y, physics, z0_g, var) if lr != 0.0 else None
             eps, z0 = eps.detach(), z0.detach()
+            if self.dc_iters:
+                z0 = self._data_consistent(z0, y, physics)
             sigma = self._ddim_sigma(a_t, a_prev)
             z_prev = math.sqrt(a_prev) * z0 + math.sqrt(max(0.0, 1 - a_prev - sigma**2)) * eps
             if sigma > 0:
@@ -306,6 +320,12 @@ class LDIRSampler:
         (g,) = torch.autograd.grad(loss.sum(), wrt)
         self.last_losses.append(loss.detach().cpu().tolist())
         return g.detach()
+
+    @torch.no_grad()
+    def _data_consistent(self, z0: Tensor, y: Tensor, physics) -> Tensor:
+        """E(CG_k(D(z0))): the clean estimate moved onto the data in pixel space, back in the latent."""
+        x = refine(self.decode(z0).float(), y, physics, method="cg", iters=self.dc_iters, lam_rel=self.dc_lam)
+        return self.encode(x)
 
     @torch.no_grad()
     def warm_image(self, y: Tensor, physics, ids: Sequence) -> Tensor:
@@ -328,7 +348,9 @@ class LDIRSampler:
             "name": self.name, "num_steps": self.num_steps, "eta": self.eta, "lr": self.lr,
             "step_schedule": self.step_schedule, "optimizer": self.optimizer, "grad_wrt": self.grad_wrt,
             "fidelity": self.fidelity.describe(), "clamp_z0": self.clamp_z0,
-            "refine": {"method": self.refine_method, "iters": self.refine_iters, "lam": self.refine_lam},
+            "refine": {"method": self.refine_method, "iters": self.refine_iters, "lam": self.refine_lam,
+                       "tv_weight": self.refine_tv_weight},
+            "dc": {"iters": self.dc_iters, "lam": self.dc_lam},
             "num_samples": self.num_samples, "guidance_every": self.guidance_every,
             "final_steps": self.final_steps, "final_lr": self.final_lr,
             "warm_start": self.warm_start, "warm_start_strength": self.warm_start_strength,

@@ -8,6 +8,8 @@ Starting from the sampler's image ``x0`` it takes a few steps on
   (per-image step lengths), clamped to [0, 1] at the end. Few iterations + the proximal term keep the
   update from fitting the noise.
 * ``gd``: projected gradient descent, x <- clip(x - (1 / (L + lam)) grad, 0, 1) each step.
+* ``tv``: the same problem plus ``tv_weight * TV(x)`` over [0, 1], ``iters`` PDHG steps from ``x0``
+  (``TVReconstructor.anchored``): edges kept, the prior's texture noise flattened.
 
 ``||A||^2`` (largest eigenvalue of A^T A) is estimated once per geometry by power iteration and cached.
 """
@@ -17,8 +19,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-REFINE_METHODS = ("none", "cg", "gd")
+from ldir_pl.sampling.tv import TVReconstructor
+
+REFINE_METHODS = ("none", "cg", "gd", "tv")
 _NORM_CACHE: dict = {}
+_TV_SOLVERS: dict = {}
 
 
 @torch.no_grad()
@@ -46,7 +51,7 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
 
 @torch.no_grad()
 def refine(x0: Tensor, y: Tensor, physics, method: str = "cg", iters: int = 10, lam_rel: float = 0.0,
-           clamp: bool = True) -> Tensor:
+           clamp: bool = True, tv_weight: float = 3e-5) -> Tensor:
     """Refined images (B,1,H,W); ``method='none'`` or ``iters<=0`` returns ``x0`` (clamped)."""
     if method not in REFINE_METHODS:
         raise ValueError(f"refine method={method!r}: expected one of {REFINE_METHODS}")
@@ -54,6 +59,11 @@ def refine(x0: Tensor, y: Tensor, physics, method: str = "cg", iters: int = 10, 
     y = y.detach().float()
     if method == "none" or iters <= 0:
         return x0.clamp(0, 1) if clamp else x0
+    if method == "tv":
+        key = (float(tv_weight), int(iters))
+        if key not in _TV_SOLVERS:  # the solver caches its operator norms per geometry
+            _TV_SOLVERS[key] = TVReconstructor(weight=tv_weight, iterations=iters)
+        return _TV_SOLVERS[key].anchored(y, x0, physics, lam_rel)
     big_l = operator_norm_sq(physics, x0.device)
     lam = float(lam_rel) * big_l
 

@@ -57,7 +57,7 @@ class TVReconstructor:
             raise ValueError(f"sampler.solver={solver!r}: expected one of {SOLVERS}")
         self.weight, self.iterations, self.init, self.solver = float(weight), int(iterations), init, solver
         self.fbp = fbp or FBPReconstructor()
-        self._norms: dict[str, tuple[float, float]] = {}
+        self._norms: dict[str, tuple[float, float, float]] = {}
 
     @torch.no_grad()
     def reconstruct(self, y: Tensor, physics: Physics, ids: Sequence[int | str] | None = None) -> Tensor:
@@ -69,6 +69,15 @@ class TVReconstructor:
         run = self._torch if self.solver == "torch" else self._odl
         return run(y, x0.to(y.device), physics).clamp(0, 1)
 
+    @torch.no_grad()
+    def anchored(self, y: Tensor, anchor: Tensor, physics: Physics, lam_rel: float) -> Tensor:
+        """min ||Ax - y||^2 + weight TV(x) + lam ||x - anchor||^2 over [0, 1], started from ``anchor``;
+        ``lam = lam_rel * ||A||^2``: the TV problem pulled towards another method's image (a prior's)."""
+        physics.check_sinogram(y)
+        anchor = anchor.detach().to(y.device, torch.float32)
+        mu = 2.0 * float(lam_rel) * self._balance(physics, y.device)[2] ** 2
+        return self._torch(y, anchor.clamp(0, 1), physics, anchor=anchor, mu=mu).clamp(0, 1)
+
     # ------------------------------------------------------------------ torch solver
     def _weights(self, physics: Physics) -> tuple[float, float, tuple[float, float]]:
         ray = physics.geometry.odl_ray_transform(physics.A.impl, unit_weighting=False)
@@ -76,8 +85,8 @@ class TVReconstructor:
         w_y = float(ray.range.cell_volume)
         return w_x, w_y, tuple(float(c) for c in ray.domain.cell_sides)
 
-    def _balance(self, physics: Physics, device: torch.device) -> tuple[float, float]:
-        """(scale, ||L||) in the weighted norms, by power iteration; cached per geometry."""
+    def _balance(self, physics: Physics, device: torch.device) -> tuple[float, float, float]:
+        """(scale, ||L||, ||A||) in the weighted norms, by power iteration; cached per geometry."""
         key = physics.geometry.key()
         if key not in self._norms:
             w_x, w_y, h = self._weights(physics)
@@ -97,12 +106,13 @@ class TVReconstructor:
             norm_g = power(lambda v: forward_diff_t(forward_diff(v, h), h))
             scale = norm_a / norm_g
             norm_l = power(lambda v: (w_y / w_x) * A.adjoint(A(v)) + scale**2 * forward_diff_t(forward_diff(v, h), h))
-            self._norms[key] = (scale, 1.1 * norm_l)
+            self._norms[key] = (scale, 1.1 * norm_l, norm_a)
         return self._norms[key]
 
-    def _torch(self, y: Tensor, x0: Tensor, physics: Physics) -> Tensor:
+    def _torch(self, y: Tensor, x0: Tensor, physics: Physics, anchor: Tensor | None = None,
+               mu: float = 0.0) -> Tensor:
         w_x, w_y, h = self._weights(physics)
-        scale, op_norm = self._balance(physics, y.device)
+        scale, op_norm, _ = self._balance(physics, y.device)
         tau = sigma = 1.0 / op_norm
         c = self.weight / scale
         A = physics.A
@@ -114,8 +124,12 @@ class TVReconstructor:
             q1 = (q1 + sigma * A(x_bar) - sigma * y) / (1 + sigma / 2)
             q2 = (q2 + sigma * scale * forward_diff(x_bar, h)).clamp(-c, c)
             # primal step with the weighted adjoint L^* q = (w_y / w_x) A^T q1 + scale * D^T q2
+            # (with an anchor: the prox of the box plus (mu/2) ||x - anchor||^2)
             x_old = x
-            x = (x - tau * ((w_y / w_x) * A.adjoint(q1) + scale * forward_diff_t(q2, h))).clamp(0, 1)
+            x = x - tau * ((w_y / w_x) * A.adjoint(q1) + scale * forward_diff_t(q2, h))
+            if anchor is not None:
+                x = (x + tau * mu * anchor) / (1.0 + tau * mu)
+            x = x.clamp(0, 1)
             x_bar = 2 * x - x_old
         return x
 

@@ -1,0 +1,39 @@
+"""Several slice sources trained on together, evaluated on one of them.
+
+Training draws from every source's training split; validation, test and prediction come from
+``eval_source`` alone, so figures stay comparable with a run on that source by itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ldir_pl.data.base import Item, SliceDataModule
+
+
+class MixDataModule(SliceDataModule):
+    """``sources``: name -> data module (built by Hydra). Image ids are ``<source>:<id>`` in the training set and
+    the eval source's own ids elsewhere (so predictions of ``data=ct_mix`` and ``data=dicom`` share ids)."""
+
+    def __init__(self, sources: Mapping[str, SliceDataModule], eval_source: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not sources:
+            raise ValueError("data.sources is empty: name at least one data source")
+        if eval_source not in sources:
+            raise ValueError(f"data.eval_source={eval_source!r} is not one of data.sources {sorted(sources)}")
+        for name, src in sources.items():
+            if not isinstance(src, SliceDataModule):
+                raise TypeError(f"data.sources.{name} is a {type(src).__name__}, not a slice data module")
+            if src.image_size != self.image_size:
+                raise ValueError(f"data.sources.{name}.image_size={src.image_size} differs from "
+                                 f"data.image_size={self.image_size}")
+        self.sources, self.eval_source = dict(sources), eval_source
+
+    def setup(self, stage: str | None = None) -> None:
+        for src in self.sources.values():
+            src.setup(stage)
+
+    def _items(self, split: str) -> list[Item]:
+        if split != "train":
+            return self.sources[self.eval_source].items(split)
+        return [(f"{name}:{i}", load) for name, src in self.sources.items() for i, load in src.items("train")]

@@ -1,0 +1,111 @@
+"""A folder of axial CT volumes in NIfTI (``.nii`` / ``.nii.gz``), sliced along the last axis, split by volume.
+
+Adjacent slices of one volume are near copies, so whole volumes (patients) go to train / val / test.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ldir_pl.data.base import Item, SliceDataModule, StoredImage, split_by_group
+from ldir_pl.data.readers import DataError, require_dir
+from ldir_pl.data.transforms import hu_to_unit, resize_area
+
+log = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+#: HU outside this range means the file is not stored in Hounsfield units (e.g. already scaled to [0, 1]).
+PLAUSIBLE_HU = (-2048.0, 32767.0)
+
+
+def volume_name(path: Path) -> str:
+    name = path.name
+    for suffix in sorted(NIFTI_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def list_volumes(root: Path) -> list[Path]:
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES))
+    if not files:
+        raise DataError(f"NIfTI folder {root}: no .nii / .nii.gz files found")
+    return files
+
+
+def read_volume(path: Path) -> np.ndarray:
+    """(H, W, S) float32 HU array of one volume; refuses files whose dtype, shape or affine make no sense."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        affine = np.asarray(img.affine, dtype=np.float64)
+        dtype = img.get_data_dtype()
+        raw = np.asanyarray(img.dataobj)
+    except Exception as err:  # noqa: BLE001 - nibabel raises many types; re-raised naming the file
+        raise DataError(f"{path}: not a readable NIfTI file ({type(err).__name__}: {err})") from err
+    if dtype.names is not None or not (np.issubdtype(raw.dtype, np.integer) or np.issubdtype(raw.dtype, np.floating)):
+        raise DataError(f"{path}: voxel type {dtype} is not a real-valued scalar (RGB/complex volumes are not CT)")
+    if raw.ndim == 4 and raw.shape[-1] == 1:
+        raw = raw[..., 0]
+    if raw.ndim == 2:
+        raw = raw[..., None]
+    if raw.ndim != 3:
+        raise DataError(f"{path}: expected a 3-D volume (H, W, slices), got shape {raw.shape}")
+    if min(raw.shape[:2]) < 16:
+        raise DataError(f"{path}: in-plane size {raw.shape[:2]} is too small for an axial CT slice; "
+                        "slices must lie along the last axis")
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise DataError(f"{path}: affine is singular or not finite ({affine[:3, :3].tolist()}); "
+                        "the file's geometry is broken")
+    hu = raw.astype(np.float32)
+    if not np.isfinite(hu).all():
+        raise DataError(f"{path}: volume holds {int((~np.isfinite(hu)).sum())} NaN/inf voxels")
+    lo, hi = float(hu.min()), float(hu.max())
+    if lo < PLAUSIBLE_HU[0] or hi > PLAUSIBLE_HU[1] or hi - lo < 100:
+        raise DataError(f"{path}: values span [{lo:.4g}, {hi:.4g}], not Hounsfield units "
+                        f"(expected air near -1000 and tissue up to a few thousand)")
+    return hu
+
+
+class NiftiDataModule(SliceDataModule):
+    """Every slice of every volume, HU -> [0, 1] by the reference transform, area-resized to ``image_size``.
+    Image ids are ``<volume>/<slice index>``; ``val_fraction`` / ``test_fraction`` count volumes."""
+
+    def __init__(self, root: str, val_fraction: float = 0.2, test_fraction: float = 0.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.root = root
+        self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
+        self._images: dict[str, torch.Tensor] | None = None
+        self._volume_of: dict[str, str] = {}
+        self._split: dict[str, set[str]] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._images is not None:
+            return
+        root = require_dir(self.root, "data.root (NIfTI folder)")
+        images: dict[str, torch.Tensor] = {}
+        for path in list_volumes(root):
+            hu = read_volume(path)
+            vol = str(path.relative_to(root).parent / volume_name(path))
+            slices = hu_to_unit(torch.from_numpy(np.ascontiguousarray(np.moveaxis(hu, -1, 0))))
+            slices = resize_area(slices.unsqueeze(1), self.image_size)
+            for k in range(slices.shape[0]):
+                image_id = f"{vol}/{k:04d}"
+                images[image_id] = slices[k].clone()
+                self._volume_of[image_id] = vol
+        self._images = images
+        self._split = split_by_group(list(self._volume_of.values()), self.val_fraction, self.test_fraction,
+                                     self.seed)
+        log.info("NIfTI %s: %d slices of %d volumes; split train/val/test volumes %d/%d/%d", root, len(images),
+                 len(self._split["all"]), len(self._split["train"]), len(self._split["val"]),
+                 len(self._split["test"]))
+
+    def _items(self, split: str) -> list[Item]:
+        self.setup()
+        keep = self._split[split]
+        return [(i, StoredImage(t)) for i, t in self._images.items() if self._volume_of[i] in keep]
