@@ -371,9 +371,9 @@ class BatchSizeLRSearch(pl.Callback):
             elif cuda:
                 peak = torch.cuda.max_memory_allocated(pl_module.device)
         # every rank must agree: any failure fails the trial, the slowest rank sets the pace
-        failed = trainer.strategy.reduce(torch.tensor(float(status != "ok")), reduce_op="sum")
+        failed = _reduce(trainer, float(status != "ok"), "sum")
         step = sorted(times)[len(times) // 2] if times and status == "ok" else math.inf  # median: robust
-        step = float(trainer.strategy.reduce(torch.tensor(step, dtype=torch.float64), reduce_op="max")) if world > 1 else step
+        step = _reduce(trainer, step, "max") if world > 1 else step
         if float(failed) > 0 and status == "ok":
             status = "oom"
         budget = self._budget_bytes(pl_module)
@@ -450,8 +450,8 @@ class BatchSizeLRSearch(pl.Callback):
             est.update(small, big, local // 2, 2 * (local // 2))
         if not est.g2:
             return math.nan
-        g2 = float(trainer.strategy.reduce(torch.tensor(sum(est.g2) / len(est.g2), dtype=torch.float64), reduce_op="mean"))
-        s = float(trainer.strategy.reduce(torch.tensor(sum(est.s) / len(est.s), dtype=torch.float64), reduce_op="mean"))
+        g2 = _reduce(trainer, sum(est.g2) / len(est.g2), "mean")
+        s = _reduce(trainer, sum(est.s) / len(est.s), "mean")
         return math.inf if g2 <= 0 else max(s / g2, 0.0)
 
     # ------------------------------------------------------------------------------- state / apply
@@ -527,3 +527,10 @@ class BatchSizeLRSearch(pl.Callback):
             logger.log_metrics(
                 {"bs_search/chosen_batch": d["batch_size"], "bs_search/lr": d["lr"]}, step=len(self.trials)
             )
+
+
+def _reduce(trainer: pl.Trainer, value: float, op: str) -> float:
+    """All-reduce a number across ranks. The tensor lives on the strategy's root device: NCCL only reduces
+    CUDA tensors, gloo CPU ones, and Lightning's strategy knows which one this process uses."""
+    t = torch.tensor(float(value), dtype=torch.float64, device=trainer.strategy.root_device)
+    return float(trainer.strategy.reduce(t, reduce_op=op))

@@ -72,7 +72,7 @@ def run_one(args: argparse.Namespace) -> dict:
         unet = build_unet(size, 1, widths, layers_per_block=args.layers, attention_levels=attn,
                           norm_num_groups=min(32, widths[0]))
         bundle = PriorBundle(unet, sched, None, 1.0, size, (1, size, size), "pixel", meta)
-        sampler = PixelDPSSampler(bundle, num_steps=args.steps, progress=False, device=dev)
+        sampler = PixelDPSSampler(bundle, num_steps=args.steps, progress=False).to(dev)
     else:
         levels = f.bit_length() - 1
         vch = [args.vae_base * min(2**i, 4) for i in range(levels + 1)]
@@ -84,7 +84,7 @@ def run_one(args: argparse.Namespace) -> dict:
                           norm_num_groups=min(32, widths[0]))
         bundle = PriorBundle(unet, sched, vae, 1.0, size, (4, lat, lat), "latent", meta)
         sampler = LDIRSampler(bundle, num_steps=args.steps, grad_wrt=args.grad_wrt, refine="none",
-                              progress=False, device=dev)
+                              progress=False).to(dev)
     physics = Physics(kind="parallel", num_views=args.views, image_size=size, noise=GaussianNoise(relative=0.01))
     physics.to(dev)
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
@@ -93,7 +93,7 @@ def run_one(args: argparse.Namespace) -> dict:
     y = physics.measure(x, ids)
     n_params = sum(p.numel() for p in unet.parameters())
     if args.warmup:
-        warm = type(sampler)(bundle, num_steps=1, progress=False, device=dev,
+        warm = type(sampler)(bundle, num_steps=1, progress=False,
                              **({} if args.method == "pixel_dps" else {"grad_wrt": args.grad_wrt, "refine": "none"}))
         warm.reconstruct(y, physics, ids)
     if dev.type == "cuda":

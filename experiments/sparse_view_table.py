@@ -37,7 +37,7 @@ def vae_fidelity(prior: str, data_root: str, split: str, max_images: int | None,
     from ldir_pl.metrics import image_metrics
     from ldir_pl.sampling.ldir import LDIRSampler
 
-    sampler = LDIRSampler(prior, device="cpu", progress=False)  # its encode/decode: the bundle's own transforms
+    sampler = LDIRSampler(prior, progress=False)  # its encode/decode: the bundle's own transforms
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):  # the app's data config: the same split
         cfg = compose("reconstruct", overrides=[
             "data=dicom", f"data.root={data_root}", f"data.image_size={int(sampler.prior.image_size)}",

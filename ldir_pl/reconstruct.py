@@ -95,7 +95,8 @@ def run(cfg: DictConfig) -> dict[str, dict]:
     summary = {m: summary[m] for m in methods if m in summary}  # baselines first, the main method last
     write_csv(rows, out / "metrics.csv")
     write_json(summary, out / "summary.json")
-    write_json({"physics": physics.describe(), "methods": list(methods)}, out / "run_info.json")
+    write_json({"physics": physics.describe(), "methods": list(methods), "world_size": trainer.world_size,
+                "torch_threads": torch.get_num_threads()}, out / "run_info.json")
     title = f"{type(datamodule).__name__}: {physics.geometry.kind} beam, {physics.geometry.num_views} views"
     print(format_table(summary, title))
     if logger and hasattr(logger, "experiment") and type(logger).__name__ == "WandbLogger":

@@ -56,7 +56,7 @@ def phantom(n: int = 2, size: int = SIZE) -> torch.Tensor:
 
 
 def make(bundle, **kw):
-    args = dict(num_steps=4, lr=0.05, refine="none", progress=False, device="cpu")
+    args = dict(num_steps=4, lr=0.05, refine="none", progress=False)
     args.update(kw)
     return LDIRSampler(bundle, **args)
 
@@ -150,7 +150,7 @@ def test_clear_errors(bundle, physics, tmp_path):
         make(bundle).reconstruct(y, physics, [0])
     missing = tmp_path / "no_such_prior"
     with pytest.raises(FileNotFoundError, match="no_such_prior"):
-        LDIRSampler(str(missing), device="cpu")
+        LDIRSampler(str(missing))
     with pytest.raises(ValueError, match="optimizer"):
         make(bundle, optimizer="lbfgs")
     with pytest.raises(ValueError, match="ids"):

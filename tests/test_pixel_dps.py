@@ -39,7 +39,7 @@ def disc(n: int = 2) -> torch.Tensor:
 
 
 def make(bundle, **kw):
-    args = dict(num_steps=8, progress=False, device="cpu")
+    args = dict(num_steps=8, progress=False)
     args.update(kw)
     return PixelDPSSampler(bundle, **args)
 
@@ -70,7 +70,7 @@ def test_errors(bundle, physics):
     from test_ldir_sampler import tiny_latent_bundle  # noqa: PLC0415 - sibling test helper
 
     with pytest.raises(ValueError, match="pixel"):
-        PixelDPSSampler(tiny_latent_bundle(), device="cpu")
+        PixelDPSSampler(tiny_latent_bundle())
     big = Physics(kind="parallel", num_views=8, image_size=2 * SIZE)
     with pytest.raises(ValueError, match=r"32x32.*64x64"):
         make(bundle).reconstruct(torch.zeros(1, 1, *big.sino_shape), big, [0])

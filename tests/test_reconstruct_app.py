@@ -14,8 +14,8 @@ from test_ldir_sampler import tiny_latent_bundle
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(args, cwd=ROOT, check=True):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+def _run(args, cwd=ROOT, check=True, env=None):
+    env = {**({**os.environ, "OMP_NUM_THREADS": "1"} if env is None else env), "WANDB_MODE": "offline"}
     proc = subprocess.run([sys.executable, "-m", "ldir_pl.reconstruct", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
@@ -81,3 +81,24 @@ def test_multirun_over_views_writes_joint_table_and_plot(tmp_path):
     table = (sweep / "table.md").read_text()
     assert "| tv (n=2) |" in table and "16 views" in table
     assert (sweep / "psnr_vs_views.png").stat().st_size > 1000
+
+
+def test_wandb_run_holds_panels_and_per_image_table(tmp_path):
+    from wandb_records import summary as wandb_summary
+
+    out = tmp_path / "res"
+    _run(["data=phantom", "data.image_size=32", "data.num_test=3", "physics.num_views=8", "sampler=fbp",
+          "baselines=[]", "logger=wandb", f"output_dir={out}"])
+    (run,) = (out / "wandb").glob("offline-run-*")
+    (run_file,) = run.glob("run-*.wandb")
+    logged = wandb_summary(run_file)
+    assert {"fbp/psnr", "fbp/ssim", "fbp/seconds_per_image", "reconstructions/path"} <= logged["keys"]
+    (table_file,) = (run / "files" / "media" / "table").glob("reconstructions_*.table.json")
+    table = json.loads(table_file.read_text())
+    assert table["columns"] == ["id", "method", "psnr", "ssim", "panel"] and len(table["data"]) == 3
+    metrics = (out / "metrics.csv").read_text().splitlines()[1:]
+    assert sorted(f"{r[0]},{r[1]}" for r in table["data"]) == sorted(",".join(m.split(",")[:2]) for m in metrics)
+    # a table with images is stored by W&B as a run_table artifact that carries the PNG panels
+    (kind, files), = [v for k, v in logged["artifacts"].items() if k.endswith("-reconstructions")]
+    panels = sorted(Path(f).name for f in files if f.endswith(".png"))
+    assert kind == "run_table" and panels == sorted(p.name for p in (out / "panels").glob("*.png"))

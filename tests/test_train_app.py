@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from wandb_records import summary as wandb_summary
 
 from ldir_pl.models import load_prior
 from ldir_pl.train import compose_config
@@ -55,9 +58,23 @@ def test_prior_stage_exports_loadable_bundle(prior_run):
 
 
 def test_wandb_offline_run_files(prior_run):
-    runs = list((prior_run / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2, runs  # one run per stage
-    assert all(list(r.glob("*.wandb")) for r in runs)
+    """One run per stage, each holding its image panels, metrics and the exported model as an artifact."""
+    runs = {}
+    for run in (prior_run / "wandb").glob("offline-run-*"):
+        (run_file,) = run.glob("run-*.wandb")
+        s = wandb_summary(run_file)
+        runs["vae" if "val/psnr" in s["keys"] else "ldm"] = (run, s)
+    assert set(runs) == {"vae", "ldm"}, runs
+    vae_run, vae = runs["vae"]
+    assert {"val/loss", "val/psnr", "val/ssim", "val/reconstructions/filenames"} <= vae["keys"]
+    assert list((vae_run / "files" / "media" / "images" / "val").glob("reconstructions_*.png"))
+    assert vae["artifacts"]["vae-demo"][0] == "model"
+    ldm_run, ldm = runs["ldm"]
+    assert {"val/loss", "val/samples/filenames"} <= ldm["keys"]
+    assert list((ldm_run / "files" / "media" / "images" / "val").glob("samples_*.png"))
+    kind, files = ldm["artifacts"]["prior-demo-ldm"]
+    assert kind == "prior" and {"ldir_prior.json", "unet/diffusion_pytorch_model.safetensors",
+                                "vae/diffusion_pytorch_model.safetensors"} <= set(files)
 
 
 def test_resume_from_checkpoint(prior_run, tmp_path):
@@ -84,6 +101,25 @@ def test_two_point_multirun(tmp_path):
     for job in ("0", "1"):
         assert (tmp_path / "multirun" / job / "vae" / "model" / "config.json").exists()
     assert (tmp_path / "multirun" / "multirun.yaml").exists()
+
+
+def test_optuna_sweep_runs_two_trials(tmp_path):
+    """The shipped Optuna search, cut to 2 trials: each trains, and the study returns the best val/psnr."""
+    import yaml
+
+    ldir_train("-m", "hparams_search=vae_optuna", f"output_dir={tmp_path}", "hydra.sweeper.n_trials=2",
+               "hydra.sweeper.sampler.n_startup_trials=2", tmp_path=tmp_path)
+    sweep = tmp_path / "multirun"
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert result["name"] == "optuna" and {"model.vae.lr", "model.vae.kl_weight", "model.vae.ssim_weight"} <= set(
+        result["best_params"])  # data.batch_size is fixed by the tiny overrides
+    psnrs = []
+    for job in ("0", "1"):
+        assert (sweep / job / "vae" / "model" / "config.json").exists()
+        overrides = yaml.safe_load((sweep / job / ".hydra" / "overrides.yaml").read_text())
+        assert any(o.startswith("model.vae.lr=") for o in overrides)
+        psnrs.append(json.loads((sweep / job / "train_summary.json").read_text())["vae"]["val/psnr"])
+    assert 5 < result["best_value"] == max(psnrs)
 
 
 def test_ddp_two_cpu_processes(tmp_path):

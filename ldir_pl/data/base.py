@@ -98,8 +98,9 @@ class SliceDataModule(pl.LightningDataModule):
     def attach_physics(self, physics) -> None:
         """Reconstruction needs the measurement model built from the same config."""
         if tuple(physics.image_shape) != (self.image_size, self.image_size):
-            raise ValueError(f"physics image size {physics.image_shape} differs from data.image_size="
-                             f"{self.image_size}")
+            raise ValueError(f"physics reconstructs {physics.image_shape[0]}x{physics.image_shape[1]} images but "
+                             f"data.image_size={self.image_size}: set both to the same size (physics=lodopab "
+                             "is 362)")
         self.physics = physics
 
     def items(self, split: str) -> list[Item]:

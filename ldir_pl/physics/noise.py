@@ -70,13 +70,13 @@ class PoissonNoise(NoiseModel):
     """LoDoPaB-CT style photon noise on post-log data.
 
     Counts ~ Poisson(N0 * exp(-mu * Ax)), observed y = -log(max(counts, 0.1) / N0) / mu. ``mu`` converts
-    line integrals in image-extent units to optical depth; the default (81.35858 / m over LoDoPaB's
-    26 cm field, i.e. 0.13 m per unit extent) reproduces LoDoPaB's attenuation scale.
+    line integrals in the geometry's length unit to optical depth: LoDoPaB's mu_max = 81.35858 / m with
+    the extent in metres (``physics=lodopab``), or 81.35858 x 0.13 for an extent-1 image read as 26 cm.
     """
 
     name = "poisson"
 
-    def __init__(self, photons: float = 4096.0, attenuation_scale: float = 81.35858 * 0.13,
+    def __init__(self, photons: float = 4096.0, attenuation_scale: float = 10.5766,
                  min_count: float = 0.1) -> None:
         if photons <= 0 or attenuation_scale <= 0:
             raise ValueError(f"physics.noise: photons={photons} and attenuation_scale={attenuation_scale} "

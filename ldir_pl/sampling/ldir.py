@@ -39,12 +39,6 @@ GRAD_WRT = ("zt", "z0")
 WARM_STARTS = (None, "fbp", "tv")
 
 
-def _auto_device(device: Any) -> torch.device:
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(str(device))
-
-
 class LDIRSampler:
     """Guided DDIM over a diffusion prior's latent with a history-gradient data-fidelity update.
 
@@ -65,7 +59,6 @@ class LDIRSampler:
             predicted clean image D(z0_hat) takes ``dc_iters`` CG steps towards the data (proximal weight
             ``dc_lam``) and is encoded back before the DDIM update; 0 = off.
         seed: global seed; each image's noise comes from ``image_seed(seed, id)``.
-        device: ``cpu`` / ``cuda`` / None (auto).
         progress: tqdm bar over sampling steps.
         num_samples: samples per measurement, averaged in image space before refinement; sample 0 uses the
             image's own seed, so ``num_samples=1`` is the single-sample sampler. Costs K times the time.
@@ -109,7 +102,6 @@ class LDIRSampler:
         dc_iters: int = 0,
         dc_lam: float = 0.02,
         seed: int = 0,
-        device: Any = None,
         progress: bool = True,
         num_samples: int = 1,
         batch_size: int | None = None,
@@ -133,8 +125,9 @@ class LDIRSampler:
         if not 0.0 <= float(eta) <= 1.0:
             raise ValueError(f"sampler.eta={eta}: expected a value in [0, 1]")
         self.name = str(name)
-        self.device = _auto_device(device)
-        self.prior = resolve_prior(prior, self.device, kind=self.expected_kind)
+        # loaded on the CPU: the sampler follows its input's device (``to``), so each DDP rank moves it
+        # to its own GPU when Lightning has placed the module, never at construction
+        self.prior = resolve_prior(prior, "cpu", kind=self.expected_kind)
         self.num_steps, self.eta, self.timestep_spacing = int(num_steps), float(eta), str(timestep_spacing)
         self.lr, self.step_schedule, self.lr_end_ratio = float(lr), step_schedule, float(lr_end_ratio)
         self.updater_kwargs = dict(optimizer=optimizer, beta1=beta1, beta2=beta2, eps=adam_eps, momentum=momentum,
@@ -180,6 +173,20 @@ class LDIRSampler:
         self.prediction_type = self.scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"prior scheduler prediction_type={self.prediction_type!r} is not supported")
+
+    # ------------------------------------------------------------------ device
+    @property
+    def device(self) -> torch.device:
+        return next(self.prior.unet.parameters()).device
+
+    def to(self, device: torch.device | str) -> LDIRSampler:
+        """Move the prior's networks to ``device`` (a no-op where they already are)."""
+        device = torch.device(device)
+        if device != self.device:
+            self.prior.unet.to(device)
+            if self.prior.vae is not None:
+                self.prior.vae.to(device)
+        return self
 
     # ------------------------------------------------------------------ model pieces
     def decode(self, z: Tensor) -> Tensor:
@@ -235,8 +242,9 @@ class LDIRSampler:
     def reconstruct(self, y: Tensor, physics, ids: Sequence[int | str]) -> Tensor:
         ids = list(ids)
         self._validate(y, physics, ids)
+        self.to(y.device)  # run where the measurements are
         with torch.inference_mode(False), torch.enable_grad():
-            y = y.detach().clone().to(self.device, torch.float32)
+            y = y.detach().clone().to(torch.float32)
             k = self.num_samples
             y_s = y.repeat_interleave(k, dim=0)
             ids_s = [self.sample_id(i, j) for i in ids for j in range(k)]

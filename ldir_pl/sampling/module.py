@@ -32,6 +32,13 @@ class LDIRModule(pl.LightningModule):
         self.methods = nn.ModuleDict({k: v for k, v in self.reconstructors.items() if isinstance(v, nn.Module)})
         self.physics = physics
 
+    def on_predict_start(self) -> None:
+        """Methods that are not ``nn.Module``s (samplers holding a prior) go to this rank's device now,
+        after Lightning has placed the module: each DDP rank uses its own GPU."""
+        for method in self.reconstructors.values():
+            if not isinstance(method, nn.Module) and hasattr(method, "to"):
+                method.to(self.device)
+
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         ids = [str(i) for i in batch["id"]]
         y = batch["y"].to(self.device, torch.float32)
