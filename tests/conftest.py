@@ -7,6 +7,7 @@ import torch
 SHARED_DICOM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ct-dicom"
 
 os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS for bit-identical GPU tests
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
@@ -21,3 +22,13 @@ def shared_dicom() -> Path:
     if not SHARED_DICOM.is_dir():
         pytest.skip(f"real CT slices not present at {SHARED_DICOM} (../shared/data/ct-dicom)")
     return SHARED_DICOM
+
+
+def pytest_collection_modifyitems(config, items):
+    """``cuda`` tests skip with a reason on machines without a GPU; their CPU twins always run."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: run `make gpu-check` on a GPU machine")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

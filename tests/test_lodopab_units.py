@@ -8,7 +8,6 @@ import h5py
 import numpy as np
 import odl
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from odl.applications import tomo

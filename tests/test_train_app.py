@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from wandb_records import summary as wandb_summary
 
 from ldir_pl.models import load_prior
