@@ -55,7 +55,7 @@ def run_one(args: argparse.Namespace) -> dict:
 
     from ldir_pl.models.bundle import PriorBundle
     from ldir_pl.models.latent_diffusion import build_unet
-    from ldir_pl.physics import GaussianNoise, Physics
+    from ldir_pl.physics import CTPhysics, GaussianNoise
     from ldir_pl.sampling.ldir import LDIRSampler
     from ldir_pl.sampling.pixel_dps import PixelDPSSampler
 
@@ -85,7 +85,7 @@ def run_one(args: argparse.Namespace) -> dict:
         bundle = PriorBundle(unet, sched, vae, 1.0, size, (4, lat, lat), "latent", meta)
         sampler = LDIRSampler(bundle, num_steps=args.steps, grad_wrt=args.grad_wrt, refine="none",
                               progress=False).to(dev)
-    physics = Physics(kind="parallel", num_views=args.views, image_size=size, noise=GaussianNoise(relative=0.01))
+    physics = CTPhysics(kind="parallel", num_views=args.views, image_size=size, noise=GaussianNoise(relative=0.01))
     physics.to(dev)
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
     x = (0.3 * ((xx**2 + yy**2) < 0.6)).float()[None, None].repeat(args.batch, 1, 1, 1).to(dev)

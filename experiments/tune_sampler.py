@@ -47,7 +47,7 @@ def main() -> None:
     from hydra.utils import instantiate
 
     from ldir_pl.metrics import image_metrics
-    from ldir_pl.sampling.fbp import FBPReconstructor
+    from ldir_pl.sampling.pinv import PseudoInverse
     from ldir_pl.sampling.tv import TVReconstructor
 
     candidates = args.candidate if args.candidate is not None else [""]
@@ -63,7 +63,7 @@ def main() -> None:
         x = torch.stack([load() for _, load in items])
         y = physics.measure(x, ids)
         ref = {}
-        for method in (FBPReconstructor(), TVReconstructor()):
+        for method in (PseudoInverse("fbp"), TVReconstructor()):
             m = image_metrics(method.reconstruct(y, physics, ids), x)
             ref[method.name] = {k: float(v.mean()) for k, v in m.items()}
             print(f"V={views} n={len(ids)} {method.name}: {ref[method.name]['psnr']:.2f} / "

@@ -97,7 +97,7 @@ def run(cfg: DictConfig) -> dict[str, dict]:
     write_json(summary, out / "summary.json")
     write_json({"physics": physics.describe(), "methods": list(methods), "world_size": trainer.world_size,
                 "torch_threads": torch.get_num_threads()}, out / "run_info.json")
-    title = f"{type(datamodule).__name__}: {physics.geometry.kind} beam, {physics.geometry.num_views} views"
+    title = f"{type(datamodule).__name__}: {physics.label}"
     print(format_table(summary, title))
     if logger and hasattr(logger, "experiment") and type(logger).__name__ == "WandbLogger":
         log_to_wandb(logger, summary, rows, out)
@@ -128,7 +128,7 @@ def main(cfg: DictConfig) -> float:
         with open_dict(cfg):
             cfg.output_dir = hydra_cfg.runtime.output_dir
     summary = run(cfg)
-    if sweeping and summary:
+    if sweeping and summary and cfg.physics.get("num_views") is not None:  # the joint table is over views
         write_sweep_report(Path(hydra_cfg.sweep.dir))
     main_psnr = list(summary.values())[-1]["psnr"] if summary else None
     return float("nan") if main_psnr is None else float(main_psnr)

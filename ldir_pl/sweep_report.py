@@ -24,7 +24,10 @@ def collect_sweep(sweep_dir: Path) -> Results:
         info_path = summary_path.with_name("run_info.json")
         if not info_path.exists():
             continue
-        views = int(json.loads(info_path.read_text())["physics"]["num_views"])
+        views = json.loads(info_path.read_text())["physics"].get("num_views")
+        if views is None:  # not a CT job: no views axis to tabulate
+            continue
+        views = int(views)
         for method, entry in json.loads(summary_path.read_text()).items():
             results.setdefault(method, {}).setdefault(views, entry)
     return results

@@ -17,7 +17,7 @@ from ldir_pl.data import (
 )
 from ldir_pl.data.readers import read_dicom
 from ldir_pl.data.transforms import Augment, hu_to_unit, resize_area
-from ldir_pl.physics import Physics
+from ldir_pl.physics import CTPhysics
 
 CT_SMALL = Path(get_testdata_file("CT_small.dcm"))
 
@@ -63,9 +63,9 @@ def test_dicom_folder_split_by_patient(tmp_path):
     assert len(dm.items("train")) == 3 * len(train)
     batch = next(iter(dm.train_dataloader()))
     assert batch.shape == (4, 1, 32, 32) and 0 <= batch.min() and batch.max() <= 1
-    dm.attach_physics(Physics(num_views=8, image_size=32))
+    dm.attach_physics(CTPhysics(num_views=8, image_size=32))
     pb = next(iter(dm.predict_dataloader()))
-    assert pb["y"].shape == (4, 1, 8, dm.physics.sino_shape[1]) and len(pb["id"]) == 4
+    assert pb["y"].shape == (4, 1, 8, dm.physics.meas_shape[1]) and len(pb["id"]) == 4
 
 
 def test_dicom_errors_name_the_file(tmp_path):
@@ -143,7 +143,7 @@ def test_lodopab_reader(tmp_path):
     _lodopab(tmp_path, "test", 2)
     dm = LoDoPaBDataModule(root=str(tmp_path), image_size=64, batch_size=2)
     assert next(iter(dm.train_dataloader())).shape == (2, 1, 64, 64)
-    dm.attach_physics(Physics(num_views=10, image_size=64))
+    dm.attach_physics(CTPhysics(num_views=10, image_size=64))
     assert len(next(iter(dm.predict_dataloader()))["id"]) == 2
     with h5py.File(tmp_path / "ground_truth_validation_000.hdf5", "w") as f:
         f["images"] = np.zeros((1, 8, 8))
@@ -152,18 +152,18 @@ def test_lodopab_reader(tmp_path):
 
 
 def test_sinogram_files_checked_against_geometry(tmp_path):
-    p = Physics(num_views=10, image_size=32)
+    p = CTPhysics(num_views=10, image_size=32)
     good = tmp_path / "good"
     good.mkdir()
-    np.save(good / "scan.npy", np.random.rand(2, *p.sino_shape).astype(np.float32))
+    np.save(good / "scan.npy", np.random.rand(2, *p.meas_shape).astype(np.float32))
     dm = SinogramDataModule(root=str(good), image_size=32)
     dm.attach_physics(p)
     batch = next(iter(dm.predict_dataloader()))
-    assert batch["y"].shape == (2, 1, *p.sino_shape) and "x" not in batch
+    assert batch["y"].shape == (2, 1, *p.meas_shape) and "x" not in batch
     bad = tmp_path / "bad"
     bad.mkdir()
-    np.save(bad / "wrong.npy", np.random.rand(12, p.sino_shape[1]).astype(np.float32))
+    np.save(bad / "wrong.npy", np.random.rand(12, p.meas_shape[1]).astype(np.float32))
     dm = SinogramDataModule(root=str(bad), image_size=32)
     dm.attach_physics(p)
-    with pytest.raises(ValueError, match=r"wrong.npy: sinogram shape \(1, 12, \d+\) does not match"):
+    with pytest.raises(ValueError, match=r"wrong.npy: measurement shape \(1, 12, \d+\) does not match"):
         dm.predict_dataloader()

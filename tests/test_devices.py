@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks import BatchSizeLRSearch, SwapOutCallback
 from ldir_pl.metrics import image_metrics
-from ldir_pl.physics import GaussianNoise, Physics
+from ldir_pl.physics import CTPhysics, GaussianNoise
 from ldir_pl.physics.ray_transform import RayTransform
 from ldir_pl.sampling.ldir import LDIRSampler
 
@@ -31,22 +31,22 @@ def _trainer(device: str, **kw) -> pl.Trainer:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_sparse_operator_on_device_matches_odl(device):
-    physics = Physics(num_views=30, image_size=64, noise=GaussianNoise(relative=0.01))
+    physics = CTPhysics(num_views=30, image_size=64, noise=GaussianNoise(relative=0.01))
     impl = "astra_cuda" if device == "cuda" and tomo.ASTRA_CUDA_AVAILABLE else "astra_cpu"
     odl_op = RayTransform(physics.geometry, backend="odl", impl=impl)
     x = phantom(2, 64)
-    y = torch.rand(2, 1, *physics.sino_shape, generator=torch.Generator().manual_seed(0))
+    y = torch.rand(2, 1, *physics.meas_shape, generator=torch.Generator().manual_seed(0))
     physics.to(device)
-    ax, aty = physics.A(x.to(device)).cpu(), physics.A.adjoint(y.to(device)).cpu()
+    ax, aty = physics.A(x.to(device)).cpu(), physics.A_adjoint(y.to(device)).cpu()
     assert torch.allclose(ax, odl_op(x), rtol=1e-3, atol=1e-3 * float(ax.abs().max()))
     assert torch.allclose(aty, odl_op.adjoint(y), rtol=1e-3, atol=1e-3 * float(aty.abs().max()))
-    cpu = Physics(num_views=30, image_size=64)
+    cpu = CTPhysics(num_views=30, image_size=64)
     assert torch.allclose(ax, cpu.A(x), rtol=1e-5, atol=1e-5 * float(ax.abs().max()))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_ldir_on_device_matches_cpu(device):
-    physics = Physics(num_views=8, image_size=32, noise=GaussianNoise(relative=0.01))
+    physics = CTPhysics(num_views=8, image_size=32, noise=GaussianNoise(relative=0.01))
     x = phantom(2)
     y = physics.measure(x, [0, 1])
     args = dict(num_steps=4, final_steps=2, refine_iters=20, progress=False)

@@ -9,10 +9,10 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
 
 from ldir_pl.models.bundle import PriorBundle
-from ldir_pl.physics import GaussianNoise, Physics
-from ldir_pl.sampling.fbp import FBPReconstructor
+from ldir_pl.physics import CTPhysics, GaussianNoise
 from ldir_pl.sampling.fidelity import DataFidelity
 from ldir_pl.sampling.ldir import LDIRSampler
+from ldir_pl.sampling.pinv import PseudoInverse
 from ldir_pl.sampling.refine import operator_norm_sq, refine
 from ldir_pl.sampling.tv import TVReconstructor
 
@@ -42,7 +42,7 @@ def bundle():
 
 @pytest.fixture(scope="module")
 def physics():
-    return Physics(kind="parallel", num_views=8, image_size=SIZE, noise=GaussianNoise(relative=0.01))
+    return CTPhysics(kind="parallel", num_views=8, image_size=SIZE, noise=GaussianNoise(relative=0.01))
 
 
 def phantom(n: int = 2, size: int = SIZE) -> torch.Tensor:
@@ -140,7 +140,7 @@ def test_v_prediction_and_clamp(physics):
 
 
 def test_clear_errors(bundle, physics, tmp_path):
-    big = Physics(kind="parallel", num_views=8, image_size=2 * SIZE)
+    big = CTPhysics(kind="parallel", num_views=8, image_size=2 * SIZE)
     y = big.measure(phantom(1, 2 * SIZE), [0])
     with pytest.raises(ValueError, match=r"32x32.*64x64"):
         make(bundle).reconstruct(y, big, [0])
@@ -194,8 +194,8 @@ def test_saved_bundle_and_hydra_configs(bundle, physics, tmp_path):
     assert json.loads((path / "ldir_prior.json").read_text())["kind"] == "latent"
     y = physics.measure(phantom(1), [0])
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        for name, expect in [("ldir", ("adam", "zt", 1, "fbp")), ("latent_dps", ("sgd", "zt", 1, "fbp")),
-                             ("ldir_z0", ("adam", "z0", 1, "fbp")), ("ldir_mean", ("adam", "zt", 4, "fbp")),
+        for name, expect in [("ldir", ("adam", "zt", 1, "pinv")), ("latent_dps", ("sgd", "zt", 1, "pinv")),
+                             ("ldir_z0", ("adam", "z0", 1, "pinv")), ("ldir_mean", ("adam", "zt", 4, "pinv")),
                              ("ldir_tv", ("adam", "zt", 1, "tv"))]:
             cfg = compose(overrides=[f"+sampler={name}", f"+prior.path={path}", "+seed=3", "sampler.final_steps=2",
                                      "sampler.num_steps=2", "sampler.progress=false", "sampler.refine_iters=2"])
@@ -214,7 +214,7 @@ def test_warm_start_from_fbp_and_final_iterations(bundle, physics):
     fid = DataFidelity(2, squared=True)
     # warm start: sampling begins at strength * T from the encoded FBP image, with num_steps steps
     seen = []
-    s = make(bundle, warm_start="fbp", warm_start_strength=0.4, num_steps=4, grad_wrt="z0")
+    s = make(bundle, warm_start="pinv", warm_start_strength=0.4, num_steps=4, grad_wrt="z0")
     orig = s._predict
     s._predict = lambda z, t, a: (seen.append(t), orig(z, t, a))[1]
     out = s.reconstruct(y, physics, [0, 1])
@@ -229,7 +229,7 @@ def test_warm_start_from_fbp_and_final_iterations(bundle, physics):
     with pytest.raises(ValueError, match="warm_start"):
         make(bundle, warm_start="art")
     with pytest.raises(ValueError, match="warm_start_strength"):
-        make(bundle, warm_start="fbp", warm_start_strength=0.0)
+        make(bundle, warm_start="pinv", warm_start_strength=0.0)
     with pytest.raises(ValueError, match="final_steps"):
         make(bundle, final_steps=-1)
 
@@ -238,7 +238,7 @@ def test_warm_start_from_tv_encodes_the_tv_image_once_per_measurement(bundle, ph
     x = phantom(2)
     y = physics.measure(x, [0, 1])
     s = make(bundle, warm_start="tv", warm_start_strength=0.05, num_steps=2, grad_wrt="z0", num_samples=2)
-    tv, fbp = TVReconstructor().reconstruct(y, physics, [0, 1]), FBPReconstructor().reconstruct(y, physics, [0, 1])
+    tv, fbp = TVReconstructor().reconstruct(y, physics, [0, 1]), PseudoInverse().reconstruct(y, physics, [0, 1])
     assert torch.allclose(s.warm_image(y, physics, [0, 1]), tv, atol=1e-6)
     assert (tv - fbp).abs().max() > 1e-2
     # the sampler starts from sqrt(a0) E(x_tv) + sqrt(1 - a0) n, with the TV image computed once per measurement

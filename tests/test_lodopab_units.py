@@ -45,7 +45,7 @@ def phantom():
 
 
 def test_geometry_and_noise_are_lodopabs(physics, phantom):
-    assert physics.sino_shape == (1000, 513) and physics.image_shape == (SIZE, SIZE)
+    assert physics.meas_shape == (1000, 513) and physics.image_shape == (SIZE, SIZE)
     assert physics.geometry.extent == 0.13 and physics.noise.photons == PHOTONS and physics.noise.mu == MU_MAX
     ray = lodopab_ray_transform()
     clean_ref = ray(phantom[0].numpy()).data

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from ldir_pl.physics import CTGeometry, GaussianNoise, Physics, PoissonNoise, RayTransform
+from ldir_pl.physics import CTGeometry, CTPhysics, GaussianNoise, PoissonNoise, RayTransform
 from ldir_pl.physics.system_matrix import load_system_matrix
 
 GEOMETRIES = [
@@ -82,13 +82,13 @@ def test_geometry_key_distinguishes_settings():
 
 
 def test_shape_mismatch_is_a_clear_error():
-    p = Physics(num_views=10, image_size=32)
-    with pytest.raises(ValueError, match=r"does not match the geometry.*num_views=10"):
-        p.check_sinogram(torch.zeros(1, 1, 11, p.sino_shape[1]), source="scan.npy")
+    p = CTPhysics(num_views=10, image_size=32)
+    with pytest.raises(ValueError, match=r"scan.npy: measurement shape .* does not match the physics.*10 views"):
+        p.check(torch.zeros(1, 1, 11, p.meas_shape[1]), source="scan.npy")
     with pytest.raises(ValueError, match="NaN"):
-        y = torch.zeros(1, 1, *p.sino_shape)
+        y = torch.zeros(1, 1, *p.meas_shape)
         y[0, 0, 0, 0] = float("nan")
-        p.check_sinogram(y)
+        p.check(y)
     with pytest.raises(ValueError, match=r"image of shape \(1, 1, 16, 16\)"):
         p(torch.zeros(1, 1, 16, 16))
 
@@ -103,7 +103,7 @@ def test_bad_geometry_settings():
 
 
 def test_gaussian_noise_is_seeded_per_image_and_relative():
-    p = Physics(num_views=20, image_size=32, noise=GaussianNoise(relative=0.05), seed=7)
+    p = CTPhysics(num_views=20, image_size=32, noise=GaussianNoise(relative=0.05), seed=7)
     x = torch.rand(3, 1, 32, 32)
     y_all = p.measure(x, ["a", "b", "c"])
     y_one = p.measure(x[1:2], ["b"])
@@ -115,10 +115,10 @@ def test_gaussian_noise_is_seeded_per_image_and_relative():
 
 
 def test_poisson_noise_post_log():
-    p = Physics(num_views=20, image_size=32, noise=PoissonNoise(photons=1e6))
+    p = CTPhysics(num_views=20, image_size=32, noise=PoissonNoise(photons=1e6))
     x = torch.rand(2, 1, 32, 32) * 0.2
     y, clean = p.measure(x, [0, 1]), p(x)
     assert torch.isfinite(y).all()
     assert (y - clean).abs().mean() < 0.05 * clean.abs().mean()  # many photons: close to the clean data
-    low = Physics(num_views=20, image_size=32, noise=PoissonNoise(photons=50)).measure(x, [0, 1])
+    low = CTPhysics(num_views=20, image_size=32, noise=PoissonNoise(photons=50)).measure(x, [0, 1])
     assert (low - clean).abs().mean() > (y - clean).abs().mean()

@@ -5,7 +5,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from ldir_pl.models.bundle import PriorBundle
-from ldir_pl.physics import GaussianNoise, Physics
+from ldir_pl.physics import CTPhysics, GaussianNoise
 from ldir_pl.sampling.fidelity import DataFidelity
 from ldir_pl.sampling.pixel_dps import PixelDPSSampler
 
@@ -30,7 +30,7 @@ def bundle():
 
 @pytest.fixture(scope="module")
 def physics():
-    return Physics(kind="parallel", num_views=8, image_size=SIZE, noise=GaussianNoise(relative=0.01))
+    return CTPhysics(kind="parallel", num_views=8, image_size=SIZE, noise=GaussianNoise(relative=0.01))
 
 
 def disc(n: int = 2) -> torch.Tensor:
@@ -71,9 +71,9 @@ def test_errors(bundle, physics):
 
     with pytest.raises(ValueError, match="pixel"):
         PixelDPSSampler(tiny_latent_bundle())
-    big = Physics(kind="parallel", num_views=8, image_size=2 * SIZE)
+    big = CTPhysics(kind="parallel", num_views=8, image_size=2 * SIZE)
     with pytest.raises(ValueError, match=r"32x32.*64x64"):
-        make(bundle).reconstruct(torch.zeros(1, 1, *big.sino_shape), big, [0])
+        make(bundle).reconstruct(torch.zeros(1, 1, *big.meas_shape), big, [0])
     y = physics.measure(disc(1), [0])
     y[..., 3] = float("nan")
     with pytest.raises(ValueError, match="NaN"):

@@ -35,7 +35,7 @@ def test_evaluation_call(sampler, dicom_dir, tmp_path):
     out = tmp_path / "res"
     _run(["data=dicom", f"data.root={dicom_dir}", "physics.num_views=23", "physics.noise.relative=0.01",
           f"sampler={sampler}", f"output_dir={out}", "data.image_size=64", "sampler.iterations=50"
-          if sampler == "tv" else "sampler.filter_type=Hann"])
+          if sampler == "tv" else "physics.fbp_filter=Hann"])
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary[sampler]) == {"psnr", "ssim", "seconds_per_image", "peak_mem_mb", "n"}
     assert summary[sampler]["n"] == 1 and summary[sampler]["psnr"] > 15

@@ -76,7 +76,7 @@ class ObservationDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         (gp, gi), (op, oi) = self.gt[i], self.obs[i]
         y = H5Slice(op, oi, 0).read().unsqueeze(0)
-        self.physics.check_sinogram(y, source=f"{op}[{oi}]")
+        self.physics.check(y, source=f"{op}[{oi}]")
         return {"x": H5Slice(gp, gi, self.size)(), "y": y, "id": f"{gp.stem}_{gi:04d}"}
 
 

@@ -56,7 +56,7 @@ class SinogramDataModule(SliceDataModule):
             for i, sino in enumerate(arr):
                 image_id = p.stem if len(arr) == 1 else f"{p.stem}_{i:04d}"
                 y = torch.from_numpy(sino).unsqueeze(0)
-                self.physics.check_sinogram(y, source=f"{p}" + ("" if len(arr) == 1 else f"[{i}]"))
+                self.physics.check(y, source=f"{p}" + ("" if len(arr) == 1 else f"[{i}]"))
                 out.append((image_id, y))
         return out
 

@@ -7,7 +7,7 @@ from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
-from ldir_pl.physics import Physics
+from ldir_pl.physics import LinearPhysics
 
 
 @runtime_checkable
@@ -20,4 +20,4 @@ class Reconstructor(Protocol):
 
     name: str
 
-    def reconstruct(self, y: Tensor, physics: Physics, ids: Sequence[int | str]) -> Tensor: ...
+    def reconstruct(self, y: Tensor, physics: LinearPhysics, ids: Sequence[int | str]) -> Tensor: ...

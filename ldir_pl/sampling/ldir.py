@@ -28,15 +28,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ldir_pl.physics import image_seed
-from ldir_pl.sampling.fbp import FBPReconstructor
 from ldir_pl.sampling.fidelity import DataFidelity
 from ldir_pl.sampling.history import OPTIMIZERS, STEP_SCHEDULES, make_updater, step_size_schedule
+from ldir_pl.sampling.pinv import PseudoInverse
 from ldir_pl.sampling.prior_loading import intensity_transform, resolve_prior
 from ldir_pl.sampling.refine import REFINE_METHODS, refine
 from ldir_pl.sampling.tv import TVReconstructor
 
 GRAD_WRT = ("zt", "z0")
-WARM_STARTS = (None, "fbp", "tv")
+WARM_STARTS = (None, "pinv", "tv")
 
 
 class LDIRSampler:
@@ -65,8 +65,9 @@ class LDIRSampler:
         batch_size: sample at most this many latents at once (measurements x samples; None: all at once).
         guidance_every: guide every k-th step only (counted back from the last step, which is always
             guided); the other steps are plain DDIM steps costing one UNet forward. Saves decoder passes.
-        warm_start, warm_start_strength: ``None`` starts from pure noise at t = T (the authors); ``fbp``
-            (or ``tv``) encodes the FBP (TV) image, noises it to t = strength * T and samples from there
+        warm_start, warm_start_strength: ``None`` starts from pure noise at t = T (the authors); ``pinv``
+            (or ``tv``) encodes the physics' pseudo-inverse (FBP for CT; or the TV image), noises it to
+            t = strength * T and samples from there
             with ``num_steps`` steps (the SDEdit / come-closer-diffuse-faster start): the prior only has to
             remove streaks (or TV's staircase) instead of inventing the anatomy.
         final_steps, final_lr: history-gradient iterations on the clean latent after the last DDIM step
@@ -161,7 +162,7 @@ class LDIRSampler:
             raise ValueError(f"sampler.warm_start_strength={warm_start_strength}: expected a value in (0, 1]")
         self.warm_start, self.warm_start_strength = warm_start, float(warm_start_strength)
         # the classical reconstruction the warm start encodes; it keeps its operators per geometry
-        self._warm_recon = {"fbp": FBPReconstructor, "tv": TVReconstructor}[warm_start]() if warm_start else None
+        self._warm_recon = {"pinv": PseudoInverse, "tv": TVReconstructor}[warm_start]() if warm_start else None
         self.scale, self.shift = intensity_transform(getattr(self.prior, "metadata", {}))
         self.scaling_factor = float(self.prior.scaling_factor) if self.prior.kind == "latent" else 1.0
         self.latent_shape = tuple(int(s) for s in self.prior.latent_shape)
@@ -234,7 +235,7 @@ class LDIRSampler:
             )
         if y.ndim != 4 or y.shape[1] != 1:
             raise ValueError(f"{self.name}: measurements must be (B,1,V,D), got {tuple(y.shape)}")
-        physics.check_sinogram(y, source=f"{self.name} input")
+        physics.check(y, f"{self.name} input")
         if len(ids) != y.shape[0]:
             raise ValueError(f"{self.name}: {len(ids)} image ids for a batch of {y.shape[0]} measurements")
 

@@ -16,14 +16,14 @@ from torch import nn
 
 from ldir_pl.memory import PeakMemory
 from ldir_pl.metrics import image_metrics
-from ldir_pl.physics import Physics
+from ldir_pl.physics import LinearPhysics
 from ldir_pl.sampling.base import Reconstructor
 
 
 class LDIRModule(pl.LightningModule):
     """Runs ``reconstructors`` (name -> method) on each predict batch; returns images and metrics."""
 
-    def __init__(self, reconstructors: Mapping[str, Reconstructor], physics: Physics) -> None:
+    def __init__(self, reconstructors: Mapping[str, Reconstructor], physics: LinearPhysics) -> None:
         super().__init__()
         if not reconstructors:
             raise ValueError("LDIRModule needs at least one reconstruction method")
@@ -42,7 +42,7 @@ class LDIRModule(pl.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         ids = [str(i) for i in batch["id"]]
         y = batch["y"].to(self.device, torch.float32)
-        self.physics.check_sinogram(y, source=f"predict batch {batch_idx} (first image {ids[0]})")
+        self.physics.check(y, source=f"predict batch {batch_idx} (first image {ids[0]})")
         x = batch.get("x")
         out = {"id": ids, "x": None if x is None else x.cpu(), "recon": {}, "seconds": {}, "peak_mem_mb": {},
                "metrics": {}}

@@ -28,9 +28,8 @@ _TV_SOLVERS: dict = {}
 
 @torch.no_grad()
 def operator_norm_sq(physics, device: torch.device | str = "cpu", iters: int = 30) -> float:
-    """Largest eigenvalue of A^T A (power iteration, deterministic start), cached per geometry."""
-    geom = getattr(physics, "geometry", None)
-    key = (geom.key() if hasattr(geom, "key") else id(physics), str(device))
+    """Largest eigenvalue of A^T A (power iteration, deterministic start), cached per operator."""
+    key = (physics.key(), str(device))
     if key in _NORM_CACHE:
         return _NORM_CACHE[key]
     h, w = physics.image_shape
@@ -38,7 +37,7 @@ def operator_norm_sq(physics, device: torch.device | str = "cpu", iters: int = 3
     x = torch.rand(1, 1, h, w, generator=gen).to(device)
     lam = 0.0
     for _ in range(iters):
-        x = physics.adjoint(physics.A(x))
+        x = physics.A_adjoint(physics.A(x))
         lam = float(x.norm())
         x = x / max(lam, 1e-30)
     _NORM_CACHE[key] = lam
@@ -68,20 +67,20 @@ def refine(x0: Tensor, y: Tensor, physics, method: str = "cg", iters: int = 10, 
     lam = float(lam_rel) * big_l
 
     def normal_op(v: Tensor) -> Tensor:
-        return physics.adjoint(physics.A(v)) + lam * v
+        return physics.A_adjoint(physics.A(v)) + lam * v
 
     if method == "gd":
         x = x0.clone()
         step = 1.0 / (big_l + lam)
         for _ in range(iters):
-            grad = physics.adjoint(physics.A(x) - y) + lam * (x - x0)
+            grad = physics.A_adjoint(physics.A(x) - y) + lam * (x - x0)
             x = x - step * grad
             if clamp:
                 x = x.clamp(0, 1)
         return x
     # conjugate gradients, batched (each image has its own alpha/beta)
     x = x0.clone()
-    r = physics.adjoint(y) + lam * x0 - normal_op(x)
+    r = physics.A_adjoint(y) + lam * x0 - normal_op(x)
     p = r.clone()
     rs = _dot(r, r)
     for _ in range(iters):
