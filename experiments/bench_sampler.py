@@ -56,8 +56,7 @@ def run_one(args: argparse.Namespace) -> dict:
     from ldir_pl.models.bundle import PriorBundle
     from ldir_pl.models.latent_diffusion import build_unet
     from ldir_pl.physics import CTPhysics, GaussianNoise
-    from ldir_pl.sampling.ldir import LDIRSampler
-    from ldir_pl.sampling.pixel_dps import PixelDPSSampler
+    from ldir_pl.sampling import load_sampler
 
     torch.manual_seed(0)
     if args.threads:
@@ -72,7 +71,7 @@ def run_one(args: argparse.Namespace) -> dict:
         unet = build_unet(size, 1, widths, layers_per_block=args.layers, attention_levels=attn,
                           norm_num_groups=min(32, widths[0]))
         bundle = PriorBundle(unet, sched, None, 1.0, size, (1, size, size), "pixel", meta)
-        sampler = PixelDPSSampler(bundle, num_steps=args.steps, progress=False).to(dev)
+        config = ("pixel_dps", [f"num_steps={args.steps}", "progress=false"])
     else:
         levels = f.bit_length() - 1
         vch = [args.vae_base * min(2**i, 4) for i in range(levels + 1)]
@@ -83,8 +82,9 @@ def run_one(args: argparse.Namespace) -> dict:
         unet = build_unet(lat, 4, widths, layers_per_block=args.layers, attention_levels=attn,
                           norm_num_groups=min(32, widths[0]))
         bundle = PriorBundle(unet, sched, vae, 1.0, size, (4, lat, lat), "latent", meta)
-        sampler = LDIRSampler(bundle, num_steps=args.steps, grad_wrt=args.grad_wrt, refine="none",
-                              progress=False).to(dev)
+        # the paper's loop (noise at T, no warm start, final steps or refinement): the cost of guidance itself
+        config = ("ldir_paper", [f"num_steps={args.steps}", f"grad_wrt={args.grad_wrt}", "progress=false"])
+    sampler = load_sampler(config[0], bundle, config[1]).to(dev)
     physics = CTPhysics(kind="parallel", num_views=args.views, image_size=size, noise=GaussianNoise(relative=0.01))
     physics.to(dev)
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
@@ -93,9 +93,7 @@ def run_one(args: argparse.Namespace) -> dict:
     y = physics.measure(x, ids)
     n_params = sum(p.numel() for p in unet.parameters())
     if args.warmup:
-        warm = type(sampler)(bundle, num_steps=1, progress=False,
-                             **({} if args.method == "pixel_dps" else {"grad_wrt": args.grad_wrt, "refine": "none"}))
-        warm.reconstruct(y, physics, ids)
+        load_sampler(config[0], bundle, [*config[1], "num_steps=1"]).reconstruct(y, physics, ids)
     if dev.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()

@@ -35,12 +35,12 @@ def vae_fidelity(prior: str, data_root: str, split: str, max_images: int | None,
 
     from ldir_pl.conf_dir import CONF_DIR
     from ldir_pl.metrics import image_metrics
-    from ldir_pl.sampling.ldir import LDIRSampler
+    from ldir_pl.models.bundle import PriorBundle
 
-    sampler = LDIRSampler(prior, progress=False)  # its encode/decode: the bundle's own transforms
+    sampler = PriorBundle.from_pretrained(prior)  # the bundle's own encode/decode and transforms
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):  # the app's data config: the same split
         cfg = compose("reconstruct", overrides=[
-            "data=dicom", f"data.root={data_root}", f"data.image_size={int(sampler.prior.image_size)}",
+            "data=dicom", f"data.root={data_root}", f"data.image_size={int(sampler.image_size)}",
             f"data.max_images={'null' if max_images is None else max_images}"])
     items = instantiate(cfg.data).items(split)
     psnr, ssim = [], []

@@ -1,7 +1,7 @@
 """Compare sampler settings side by side on the *validation* patients (never the test ones).
 
     python experiments/tune_sampler.py --prior outputs/ct_cpu/prior --views 23 --max-images 6 \
-        --candidate "" --candidate "sampler.dc_iters=5" --candidate "sampler=ldir_paper"
+        --candidate "" --candidate "sampler.refine.lam=0.005" --candidate "sampler=ldir_paper"
 
 Each candidate is a space-separated list of Hydra overrides on top of ``sampler=ldir`` (the app's config,
 so what wins here is what ``ldir-reconstruct`` runs). Measurements are simulated once per view count with

@@ -8,9 +8,11 @@ the real-CT part uses pydicom's bundled ``CT_small.dcm``.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -32,16 +34,36 @@ def ct_small_folder() -> Path:
     return folder
 
 
+def quiet(log_file: Path) -> None:
+    """Lightning's tips, model summaries and warnings go to ``log_file``; the terminal keeps steps and tables."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_file, mode="w")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.captureWarnings(True)
+    warnings.simplefilter("default")
+    for name in ("pytorch_lightning", "lightning_fabric", "lightning", "ldir_pl", "py.warnings"):
+        lg = logging.getLogger(name)
+        lg.handlers[:] = [handler]
+        lg.setLevel(logging.INFO)
+        lg.propagate = False
+
+
 def main() -> None:
     t0 = time.perf_counter()
+    quiet(OUT / "demo.log")
     shared = (SHARED / "ct-volumes").is_dir() and (SHARED / "ct-dicom").is_dir()
     experiment = "demo_ct" if shared else "demo"
     prior = OUT / experiment / "prior"
     if not (prior / "ldir_prior.json").exists():
         from ldir_pl.train import train_demo_prior
 
-        print(f"training the {experiment} prior into {OUT / experiment} (once) ...", flush=True)
-        train_demo_prior(OUT / experiment, experiment=experiment, overrides=[f"paths.data_dir={SHARED}"])
+        print(f"training the {experiment} prior into {OUT / experiment} (once; details in {OUT / 'demo.log'}) ...",
+              flush=True)
+        t_train = time.perf_counter()
+        train_demo_prior(OUT / experiment, experiment=experiment,
+                         overrides=[f"paths.data_dir={SHARED}", "++trainer.enable_model_summary=false",
+                                    "callbacks.progress_bar.refresh_rate=0"])
+        print(f"prior trained in {time.perf_counter() - t_train:.0f} s", flush=True)
     common = ["physics.num_views=23", "sampler=ldir", f"prior.path={prior.resolve()}", "baselines=[fbp,tv]",
               "data.image_size=64", "trainer.enable_progress_bar=false", "sampler.progress=false"]
     if shared:

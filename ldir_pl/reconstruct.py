@@ -20,6 +20,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ldir_pl.cli import user_errors
 from ldir_pl.conf_dir import CONF_DIR
 from ldir_pl.prediction_writer import ReconstructionWriter
 from ldir_pl.report import format_table, summarize, write_csv, write_json
@@ -99,6 +100,8 @@ def run(cfg: DictConfig) -> dict[str, dict]:
                 "torch_threads": torch.get_num_threads()}, out / "run_info.json")
     title = f"{type(datamodule).__name__}: {physics.label}"
     print(format_table(summary, title))
+    panels = f", panels in {out / 'panels'}/" if any(out.glob("panels/*.png")) else ""
+    print(f"per image: {out / 'metrics.csv'}; per method: {out / 'summary.json'}{panels}", flush=True)
     if logger and hasattr(logger, "experiment") and type(logger).__name__ == "WandbLogger":
         log_to_wandb(logger, summary, rows, out)
     return summary
@@ -127,7 +130,8 @@ def main(cfg: DictConfig) -> float:
     if sweeping:  # every job writes into its own folder; the sweep folder gets the joint table and plot
         with open_dict(cfg):
             cfg.output_dir = hydra_cfg.runtime.output_dir
-    summary = run(cfg)
+    with user_errors("ldir-reconstruct"):
+        summary = run(cfg)
     if sweeping and summary and cfg.physics.get("num_views") is not None:  # the joint table is over views
         write_sweep_report(Path(hydra_cfg.sweep.dir))
     main_psnr = list(summary.values())[-1]["psnr"] if summary else None

@@ -20,9 +20,11 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ldir_pl.cli import user_errors
 from ldir_pl.conf_dir import CONF_DIR
 from ldir_pl.models.bundle import save_prior
-from ldir_pl.models.vae import CKPT_KIND_KEY, INTENSITY_TRANSFORM
+from ldir_pl.models.intensity import DEFAULT as INTENSITY
+from ldir_pl.models.training import CKPT_KIND_KEY
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +180,7 @@ def _load_best(module: pl.LightningModule, trainer: pl.Trainer) -> None:
 def _metadata(cfg: DictConfig, results: dict[str, dict]) -> dict:
     return {
         "image_size": int(cfg.data.image_size),
-        "intensity_transform": INTENSITY_TRANSFORM,
+        "intensity_transform": INTENSITY.as_dict(),
         "experiment": cfg.experiment_name,
         "validation": {s: {r["metric"]: r["value"]} for s, r in results.items()},
         "images_per_s": {s: r["images_per_s"] for s, r in results.items()},
@@ -299,7 +301,8 @@ def _hydra_main(cfg: DictConfig) -> float:
     if HydraConfig.initialized():  # in multirun each job writes into its own folder
         with open_dict(cfg):
             cfg.output_dir = HydraConfig.get().runtime.output_dir
-    out, value = run(cfg)
+    with user_errors("ldir-train"):
+        out, value = run(cfg)
     log.info("done: %s (%s)", out, value)
     return value
 

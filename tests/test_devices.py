@@ -10,8 +10,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from odl.applications import tomo
-from test_ldir_sampler import phantom, tiny_latent_bundle
 from test_vae import TINY, smooth_images
+from tiny import phantom, tiny_latent_bundle
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -19,7 +19,7 @@ from callbacks import BatchSizeLRSearch, SwapOutCallback
 from ldir_pl.metrics import image_metrics
 from ldir_pl.physics import CTPhysics, GaussianNoise
 from ldir_pl.physics.ray_transform import RayTransform
-from ldir_pl.sampling.ldir import LDIRSampler
+from ldir_pl.sampling import load_sampler
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
@@ -49,10 +49,10 @@ def test_ldir_on_device_matches_cpu(device):
     physics = CTPhysics(num_views=8, image_size=32, noise=GaussianNoise(relative=0.01))
     x = phantom(2)
     y = physics.measure(x, [0, 1])
-    args = dict(num_steps=4, final_steps=2, refine_iters=20, progress=False)
-    ref = LDIRSampler(tiny_latent_bundle(), **args).reconstruct(y, physics, [0, 1]).cpu()
+    args = ["num_steps=4", "final_steps=2", "refine.iters=20", "progress=false"]
+    ref = load_sampler("ldir", tiny_latent_bundle(), args).reconstruct(y, physics, [0, 1]).cpu()
     physics.to(device)
-    sampler = LDIRSampler(tiny_latent_bundle(), **args)
+    sampler = load_sampler("ldir", tiny_latent_bundle(), args)
     got = sampler.reconstruct(y.to(device), physics, [0, 1])
     assert got.device.type == device and sampler.device.type == device  # the sampler follows its input
     psnr_ref, psnr_got = (image_metrics(r.clamp(0, 1), x)["psnr"] for r in (ref, got.cpu()))

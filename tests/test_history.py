@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from ldir_pl.sampling.history import SGD, Adam, Momentum, make_updater, step_size_schedule
+from ldir_pl.sampling.history import SGD, Adam, Momentum, StepSize
+
+ADAM = (0.9, 0.999, 1e-8, "standard")  # conf/sampler/update/adam.yaml
 
 
 def test_sgd_is_plain_gradient_step():
@@ -29,7 +31,7 @@ def test_adam_matches_hand_computation_standard_bias_correction():
         zh = [zi - lr * (mi / (1 - b1**k)) / (math.sqrt(vi / (1 - b2**k)) + eps) for zi, mi, vi in zip(zh, m, v)]
         assert torch.allclose(z, torch.tensor(zh), atol=1e-6), (k, z, zh)
     # first standard-corrected Adam step is lr * sign(g)
-    first = Adam().update(torch.zeros(2), torch.tensor([2.0, -1.0]), 0.1)
+    first = Adam(*ADAM).update(torch.zeros(2), torch.tensor([2.0, -1.0]), 0.1)
     assert torch.allclose(first, torch.tensor([-0.1, 0.1]), atol=1e-6)
 
 
@@ -51,7 +53,7 @@ def test_adam_other_bias_corrections(mode):
 
 def test_nesterov_momentum_matches_hand_computation():
     mu, lr = 0.9, 0.5
-    opt = Momentum(mu)
+    opt = Momentum(mu, nesterov=True)
     grads = [1.0, 2.0, -1.0]
     z, zh, buf = torch.zeros(1), 0.0, None
     for g in grads:
@@ -62,7 +64,7 @@ def test_nesterov_momentum_matches_hand_computation():
 
 
 def test_reset_and_per_image_lr():
-    opt = make_updater("adam")
+    opt = Adam(*ADAM)
     z = torch.zeros(2, 1, 2, 2)
     g = torch.ones_like(z)
     out = opt.update(z, g, torch.tensor([0.1, 0.2]))
@@ -72,16 +74,14 @@ def test_reset_and_per_image_lr():
     assert opt.m is None and opt.k == 0
 
 
-def test_make_updater_and_schedules_validate():
-    with pytest.raises(ValueError, match="optimizer"):
-        make_updater("rmsprop")
+def test_step_sizes_and_validation():
     with pytest.raises(ValueError, match="bias_correction"):
-        Adam(bias_correction="weird")
-    assert step_size_schedule("constant", 0.3, 5, 10) == 0.3
-    assert step_size_schedule("linear", 1.0, 0, 11) == 1.0
-    assert step_size_schedule("linear", 1.0, 10, 11) == pytest.approx(0.0)
-    assert step_size_schedule("linear", 1.0, 5, 11, end_ratio=0.5) == pytest.approx(0.75)
-    assert step_size_schedule("cosine", 1.0, 10, 11, end_ratio=0.2) == pytest.approx(0.2)
-    assert step_size_schedule("sqrt_one_minus_alpha_bar", 2.0, 0, 5, alpha_bar=0.75) == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="step_schedule"):
-        step_size_schedule("exp", 1.0, 0, 5)
+        Adam(0.9, 0.999, 1e-8, "weird")
+    assert StepSize(0.3, "constant", 0.0)(5, 10) == 0.3
+    assert StepSize(1.0, "linear", 0.0)(0, 11) == 1.0
+    assert StepSize(1.0, "linear", 0.0)(10, 11) == pytest.approx(0.0)
+    assert StepSize(1.0, "linear", 0.5)(5, 11) == pytest.approx(0.75)
+    assert StepSize(1.0, "cosine", 0.2)(10, 11) == pytest.approx(0.2)
+    assert StepSize(2.0, "sqrt_one_minus_alpha_bar", 0.0)(0, 5, alpha_bar=0.75) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="schedule='exp'"):
+        StepSize(1.0, "exp", 0.0)

@@ -1,4 +1,4 @@
-"""LDIR sampler with tiny real diffusers models and a real 32x32 parallel-beam Physics."""
+"""The guided-DDIM sampler (LDIR and its variants) with tiny real diffusers models and a real 32x32 CT physics."""
 
 import json
 import math
@@ -6,33 +6,41 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
+from hydra.errors import InstantiationException, MissingConfigException
+from tiny import SIZE, phantom, tiny_latent_bundle
 
-from ldir_pl.models.bundle import PriorBundle
 from ldir_pl.physics import CTPhysics, GaussianNoise
+from ldir_pl.sampling import GuidedDDIM, PseudoInverse, load_sampler
 from ldir_pl.sampling.fidelity import DataFidelity
-from ldir_pl.sampling.ldir import LDIRSampler
-from ldir_pl.sampling.pinv import PseudoInverse
 from ldir_pl.sampling.refine import operator_norm_sq, refine
 from ldir_pl.sampling.tv import TVReconstructor
 
-SIZE = 32
 CONF = Path(__file__).resolve().parents[1] / "conf"
+# small and plain: 4 steps from noise, no warm start, no final steps, no refinement
+BASE = {"num_steps": 4, "lr": 0.05, "refine": "none", "warm_start": None, "final_steps": 0, "progress": False}
 
 
-def tiny_latent_bundle(size: int = SIZE, prediction_type: str = "epsilon") -> PriorBundle:
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        latent_channels=4, norm_num_groups=8, layers_per_block=1)
-    lat = size // 2
-    unet = UNet2DModel(sample_size=lat, in_channels=4, out_channels=4, block_out_channels=(16, 32),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       layers_per_block=1, norm_num_groups=8)
-    sched = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type, clip_sample=False)
-    meta = {"intensity_transform": {"type": "affine", "scale": 2.0, "shift": -1.0, "data_range": [0, 1]}}
-    return PriorBundle(unet=unet.eval(), scheduler=sched, vae=vae.eval(), scaling_factor=0.5, image_size=size,
-                       latent_shape=(4, lat, lat), kind="latent", metadata=meta)
+def make(bundle, name: str = "ldir", **kw) -> GuidedDDIM:
+    """``conf/sampler/<name>.yaml`` with the settings as keyword arguments (flat names for nested parts)."""
+    overrides = []
+    for k, v in {**BASE, **kw}.items():
+        if k == "lr":
+            overrides.append(f"step_size.lr={v}")
+        elif k == "step_schedule":
+            overrides.append(f"step_size.schedule={v}")
+        elif k == "optimizer":
+            overrides.append(f"sampler/update={v}")
+        elif k == "refine":
+            overrides.append("refine=null" if v == "none" else f"refine.method={v}")
+        elif k == "refine_iters":
+            overrides.append(f"refine.iters={v}")
+        elif k == "warm_start":
+            overrides.append("init=null" if v is None else f"init.source={v}")
+        elif k == "warm_start_strength":
+            overrides.append(f"init.strength={v}")
+        else:
+            overrides.append(f"{k}={'null' if v is None else v}")
+    return load_sampler(name, prior=bundle, overrides=overrides)
 
 
 @pytest.fixture(scope="module")
@@ -43,22 +51,6 @@ def bundle():
 @pytest.fixture(scope="module")
 def physics():
     return CTPhysics(kind="parallel", num_views=8, image_size=SIZE, noise=GaussianNoise(relative=0.01))
-
-
-def phantom(n: int = 2, size: int = SIZE) -> torch.Tensor:
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
-    imgs = []
-    for k in range(n):
-        r = 0.5 + 0.1 * k
-        img = 0.3 * ((xx**2 + yy**2) < r**2).float() + 0.4 * (((xx - 0.2) ** 2 + yy**2) < 0.04).float()
-        imgs.append(img)
-    return torch.stack(imgs)[:, None]
-
-
-def make(bundle, **kw):
-    args = dict(num_steps=4, lr=0.05, refine="none", progress=False)
-    args.update(kw)
-    return LDIRSampler(bundle, **args)
 
 
 def test_shapes_range_finite_and_determinism(bundle, physics):
@@ -150,8 +142,8 @@ def test_clear_errors(bundle, physics, tmp_path):
         make(bundle).reconstruct(y, physics, [0])
     missing = tmp_path / "no_such_prior"
     with pytest.raises(FileNotFoundError, match="no_such_prior"):
-        LDIRSampler(str(missing))
-    with pytest.raises(ValueError, match="optimizer"):
+        load_sampler("ldir", prior=str(missing))
+    with pytest.raises(MissingConfigException, match="lbfgs"):
         make(bundle, optimizer="lbfgs")
     with pytest.raises(ValueError, match="ids"):
         make(bundle).reconstruct(physics.measure(phantom(2), [0, 1]), physics, [0])
@@ -194,14 +186,15 @@ def test_saved_bundle_and_hydra_configs(bundle, physics, tmp_path):
     assert json.loads((path / "ldir_prior.json").read_text())["kind"] == "latent"
     y = physics.measure(phantom(1), [0])
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        for name, expect in [("ldir", ("adam", "zt", 1, "pinv")), ("latent_dps", ("sgd", "zt", 1, "pinv")),
-                             ("ldir_z0", ("adam", "z0", 1, "pinv")), ("ldir_mean", ("adam", "zt", 4, "pinv")),
-                             ("ldir_tv", ("adam", "zt", 1, "tv"))]:
+        for name, expect in [("ldir", ("Adam", "zt", 1, "pinv")), ("latent_dps", ("SGD", "zt", 1, "pinv")),
+                             ("ldir_z0", ("Adam", "z0", 1, "pinv")), ("ldir_mean", ("Adam", "zt", 4, "pinv")),
+                             ("ldir_tv", ("Adam", "zt", 1, "tv")), ("ldir_paper", ("Adam", "zt", 1, None))]:
             cfg = compose(overrides=[f"+sampler={name}", f"+prior.path={path}", "+seed=3", "sampler.final_steps=2",
-                                     "sampler.num_steps=2", "sampler.progress=false", "sampler.refine_iters=2"])
+                                     "sampler.num_steps=2", "sampler.progress=false"])
             s = instantiate(cfg.sampler)
-            assert isinstance(s, LDIRSampler) and s.name == name and s.seed == 3
-            assert (s.optimizer, s.grad_wrt, s.num_samples, s.warm_start) == expect
+            assert isinstance(s, GuidedDDIM) and s.name == name and s.seed == 3
+            source = None if s.init is None else s.init.source
+            assert (type(s.update).__name__, s.grad_wrt, s.num_samples, source) == expect
             out = s.reconstruct(y, physics, [0])
             assert out.shape == (1, 1, SIZE, SIZE) and torch.isfinite(out).all()
 
@@ -226,11 +219,11 @@ def test_warm_start_from_fbp_and_final_iterations(bundle, physics):
     r0, r1 = base.reconstruct(y, physics, [0, 1]), more.reconstruct(y, physics, [0, 1])
     assert len(more.last_losses) == 4 + 6
     assert (fid(y, physics.A(r1)) < fid(y, physics.A(r0))).all()
-    with pytest.raises(ValueError, match="warm_start"):
+    with pytest.raises((ValueError, InstantiationException), match="init.source='art'"):
         make(bundle, warm_start="art")
-    with pytest.raises(ValueError, match="warm_start_strength"):
+    with pytest.raises((ValueError, InstantiationException), match="init.strength=0.0"):
         make(bundle, warm_start="pinv", warm_start_strength=0.0)
-    with pytest.raises(ValueError, match="final_steps"):
+    with pytest.raises((ValueError, InstantiationException), match="final_steps=-1"):
         make(bundle, final_steps=-1)
 
 
@@ -238,13 +231,13 @@ def test_warm_start_from_tv_encodes_the_tv_image_once_per_measurement(bundle, ph
     x = phantom(2)
     y = physics.measure(x, [0, 1])
     s = make(bundle, warm_start="tv", warm_start_strength=0.05, num_steps=2, grad_wrt="z0", num_samples=2)
-    tv, fbp = TVReconstructor().reconstruct(y, physics, [0, 1]), PseudoInverse().reconstruct(y, physics, [0, 1])
-    assert torch.allclose(s.warm_image(y, physics, [0, 1]), tv, atol=1e-6)
+    tv, fbp = TVReconstructor().reconstruct(y, physics, [0, 1]), PseudoInverse("pinv").reconstruct(y, physics, [0, 1])
+    assert torch.allclose(s.init.image(y, physics, [0, 1]), tv, atol=1e-6)
     assert (tv - fbp).abs().max() > 1e-2
     # the sampler starts from sqrt(a0) E(x_tv) + sqrt(1 - a0) n, with the TV image computed once per measurement
     calls, starts = [], []
-    orig_recon, orig_predict = s._warm_recon.reconstruct, s._predict
-    s._warm_recon.reconstruct = lambda *a: (calls.append(a[0].shape[0]), orig_recon(*a))[1]
+    orig_recon, orig_predict = s.init._recon.reconstruct, s._predict
+    s.init._recon.reconstruct = lambda *a: (calls.append(a[0].shape[0]), orig_recon(*a))[1]
     s._predict = lambda z, t, a: (starts.append((z.detach().clone(), a)) if not starts else None, orig_predict(z, t, a))[1]
     out = s.reconstruct(y, physics, [0, 1])
     assert calls == [2] and torch.isfinite(out).all()
@@ -262,7 +255,7 @@ def test_num_samples_averages_seeded_samples_in_chunks(bundle, physics):
     s = make(bundle, num_samples=3)
     avg = s.reconstruct(y, physics, ids)
     with torch.enable_grad():
-        singles = torch.stack([s._sample(y, physics, [s.sample_id(i, k) for i in ids]) for k in range(3)])
+        singles = torch.stack([s._sample(y, physics, [s.sample_id(i, k) for i in ids], None) for k in range(3)])
     assert not torch.allclose(singles[0], singles[1])  # different noise per sample
     assert torch.allclose(avg, singles.mean(0).clamp(0, 1), atol=1e-5)
     # sample 0 carries the image's own seed: K = 1 is the single-sample sampler
@@ -270,7 +263,7 @@ def test_num_samples_averages_seeded_samples_in_chunks(bundle, physics):
     # chunking the 6 latents two at a time (samples of one image split over chunks) changes nothing
     chunked = make(bundle, num_samples=3, batch_size=2).reconstruct(y, physics, ids)
     assert torch.allclose(avg, chunked, atol=1e-5)
-    with pytest.raises(ValueError, match="num_samples"):
+    with pytest.raises((ValueError, InstantiationException), match="num_samples=0"):
         make(bundle, num_samples=0)
 
 
@@ -291,22 +284,64 @@ def test_tv_refinement_is_anchored_tv(physics):
     assert free.min() >= 0 and free.max() <= 1
 
 
-def test_hard_data_consistency_pulls_the_sample_onto_the_data(bundle, physics):
-    x = phantom(2)
-    y = physics.measure(x, [0, 1])
-    fid = DataFidelity(2, squared=True)
-    plain = make(bundle, lr=0.0, num_steps=3, grad_wrt="z0")
-    dc = make(bundle, lr=0.0, num_steps=3, grad_wrt="z0", dc_iters=5, dc_lam=0.01)
-    calls = []
-    orig = dc._data_consistent
-    dc._data_consistent = lambda z0, yy, ph: (calls.append(z0.shape), orig(z0, yy, ph))[1]
-    r0, r1 = plain.reconstruct(y, physics, [0, 1]), dc.reconstruct(y, physics, [0, 1])
-    assert len(calls) == 3  # once per DDIM step
-    assert (fid(y, physics.A(r1)) < fid(y, physics.A(r0))).all()
-    # the step is E(CG(D(z0))): what the loop feeds the DDIM update
-    z0 = torch.randn(2, *bundle.latent_shape, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        want = dc.encode(refine(dc.decode(z0), y, physics, method="cg", iters=5, lam_rel=0.01))
-    assert torch.allclose(orig(z0, y, physics), want, atol=1e-5)
-    with pytest.raises(ValueError, match="dc_iters"):
-        make(bundle, dc_iters=-1)
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_step_is_diffusers_step_and_why_the_loop_keeps_its_own(bundle, eta):
+    """On a scheduler's own timesteps ``ddim_step`` is ``DDIMScheduler.step``; a warm start samples from t0 < T,
+    where ``step()`` would go to t - T / num_steps instead of the schedule's next timestep."""
+    from diffusers import DDIMScheduler
+
+    from ldir_pl.sampling.guided_ddim import ddim_sigma, ddim_step
+
+    sched = DDIMScheduler.from_config(bundle.scheduler.config, clip_sample=False, timestep_spacing="trailing")
+    sched.set_timesteps(10)
+    ts = [int(t) for t in sched.timesteps]
+    gen = torch.Generator().manual_seed(0)
+    z, eps, noise = (torch.randn(2, 4, 16, 16, generator=gen) for _ in range(3))
+    for i, t in enumerate(ts[:-1]):
+        a_t, a_prev = (float(sched.alphas_cumprod[s]) for s in (t, ts[i + 1]))
+        z0 = (z - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+        ref = sched.step(eps, t, z, eta=eta, variance_noise=noise)
+        sigma = ddim_sigma(eta, a_t, a_prev)
+        assert torch.allclose(ddim_step(z0, eps, a_prev, sigma, noise), ref.prev_sample, atol=1e-5)
+        assert torch.allclose(z0, ref.pred_original_sample, rtol=1e-5, atol=1e-4)
+    s = make(bundle, warm_start="pinv", warm_start_strength=0.3, num_steps=10)
+    warm = s.timesteps()
+    assert warm[0] == round(0.3 * 999) and warm[1] != warm[0] - 1000 // 10  # step() would jump past t0's grid
+
+
+def _target_defaults(node) -> list[tuple[str, str, object, object]]:
+    """(target, key, YAML value, Python default) for every key a ``_target_`` node sets that has a default."""
+    import importlib
+    import inspect
+
+    from omegaconf import DictConfig
+
+    out = []
+    if isinstance(node, DictConfig):
+        if "_target_" in node:
+            mod, _, cls = node._target_.rpartition(".")
+            params = inspect.signature(getattr(importlib.import_module(mod), cls)).parameters
+            for key, p in params.items():
+                if key in node and p.default is not inspect.Parameter.empty and not isinstance(node[key], DictConfig):
+                    out.append((node._target_, key, node[key], p.default))
+        for value in node.values():
+            out += _target_defaults(value)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "sampler").glob("*.yaml")))
+def test_every_sampler_config_builds_and_python_defaults_equal_the_yaml(name, bundle, physics):
+    from hydra import compose, initialize_config_dir
+    from tiny import tiny_pixel_bundle
+
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose("reconstruct", [f"sampler={name}"])
+    text = (CONF / "sampler" / f"{name}.yaml").read_text()
+    if "defaults:\n  - update" in text or "defaults:" not in text:  # a root config: where defaults live
+        mismatched = [(t, k, v, d) for t, k, v, d in _target_defaults(cfg.sampler) if v != d]
+        assert not mismatched, mismatched
+    s = load_sampler(name, prior=tiny_pixel_bundle() if name == "pixel_dps" else bundle,
+                     overrides=["num_steps=2", "progress=false"] if "prior" in cfg.sampler else [])
+    assert s.name == cfg.sampler.get("name", name)
+    y = physics.measure(phantom(1), [0])
+    assert s.reconstruct(y, physics, [0]).shape == (1, 1, SIZE, SIZE)

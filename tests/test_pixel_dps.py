@@ -1,26 +1,13 @@
-"""Pixel-space DPS baseline with a tiny real pixel UNet and a real 32x32 Physics."""
+"""Pixel-space DPS (``sampler=pixel_dps``: the guided loop in image space) with a tiny real pixel UNet."""
 
 import pytest
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from test_ldir_sampler import make as make_sampler
+from tiny import SIZE, tiny_pixel_bundle
 
-from ldir_pl.models.bundle import PriorBundle
 from ldir_pl.physics import CTPhysics, GaussianNoise
+from ldir_pl.sampling import GuidedDDIM
 from ldir_pl.sampling.fidelity import DataFidelity
-from ldir_pl.sampling.pixel_dps import PixelDPSSampler
-
-SIZE = 32
-
-
-def tiny_pixel_bundle(size: int = SIZE) -> PriorBundle:
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=size, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       layers_per_block=1, norm_num_groups=8)
-    sched = DDPMScheduler(num_train_timesteps=1000, clip_sample=False)
-    return PriorBundle(unet=unet.eval(), scheduler=sched, vae=None, scaling_factor=1.0, image_size=size,
-                       latent_shape=(1, size, size), kind="pixel",
-                       metadata={"intensity_transform": {"type": "affine", "scale": 2.0, "shift": -1.0}})
 
 
 @pytest.fixture(scope="module")
@@ -39,16 +26,16 @@ def disc(n: int = 2) -> torch.Tensor:
 
 
 def make(bundle, **kw):
-    args = dict(num_steps=8, progress=False)
-    args.update(kw)
-    return PixelDPSSampler(bundle, **args)
+    """``conf/sampler/pixel_dps.yaml`` as configured, 8 steps."""
+    return make_sampler(bundle, "pixel_dps", **{"num_steps": 8, "lr": 1.0, "refine": "none", "warm_start": None,
+                                                 "progress": False, **kw})
 
 
 def test_shapes_range_determinism_and_batch_order(bundle, physics):
     x = disc(2)
     y = physics.measure(x, ["p", "q"])
     s = make(bundle)
-    assert s.name == "pixel_dps" and s.optimizer == "sgd" and s.eta == 1.0
+    assert s.name == "pixel_dps" and type(s.update).__name__ == "SGD" and s.eta == 1.0 and s.clamp_z0 == 1.0
     out = s.reconstruct(y, physics, ["p", "q"])
     assert out.shape == x.shape and torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
     assert torch.equal(out, s.reconstruct(y, physics, ["p", "q"]))
@@ -67,10 +54,6 @@ def test_guidance_reduces_misfit_under_inference_mode(bundle, physics):
 
 
 def test_errors(bundle, physics):
-    from test_ldir_sampler import tiny_latent_bundle  # noqa: PLC0415 - sibling test helper
-
-    with pytest.raises(ValueError, match="pixel"):
-        PixelDPSSampler(tiny_latent_bundle())
     big = CTPhysics(kind="parallel", num_views=8, image_size=2 * SIZE)
     with pytest.raises(ValueError, match=r"32x32.*64x64"):
         make(bundle).reconstruct(torch.zeros(1, 1, *big.meas_shape), big, [0])
@@ -94,6 +77,6 @@ def test_hydra_config(bundle, physics, tmp_path):
         cfg = compose(overrides=["+sampler=pixel_dps", f"+prior.pixel_path={path}", "+seed=0",
                                  "sampler.num_steps=3", "sampler.progress=false"])
     s = instantiate(cfg.sampler)
-    assert isinstance(s, PixelDPSSampler)
+    assert isinstance(s, GuidedDDIM) and s.prior.kind == "pixel"
     out = s.reconstruct(physics.measure(disc(1), [0]), physics, [0])
     assert out.shape == (1, 1, SIZE, SIZE)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from pydicom.data import get_testdata_file
-from test_ldir_sampler import tiny_latent_bundle
+from tiny import tiny_latent_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,10 +58,12 @@ def test_ldir_with_prior_bundle_and_errors(tmp_path):
     assert list(summary) == ["fbp", "latent_dps", "ldir"] and summary["ldir"]["n"] == 2
     assert "ldir" in proc.stdout
     bad = _run([*common, f"prior.path={tmp_path / 'nope'}", f"output_dir={tmp_path / 'x'}"], check=False)
-    assert bad.returncode != 0 and "nope" in bad.stderr
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("ldir-reconstruct: error: prior bundle not found:")
+    assert "nope" in bad.stderr
     wrong = _run([*common, "data.image_size=64", f"prior.path={prior}", f"output_dir={tmp_path / 'y'}"],
                  check=False)
-    assert wrong.returncode != 0 and "32" in wrong.stderr and "64" in wrong.stderr
+    assert wrong.returncode == 2 and "32" in wrong.stderr and "64" in wrong.stderr
 
 
 def test_multirun_over_views_writes_joint_table_and_plot(tmp_path):
@@ -102,3 +104,23 @@ def test_wandb_run_holds_panels_and_per_image_table(tmp_path):
     (kind, files), = [v for k, v in logged["artifacts"].items() if k.endswith("-reconstructions")]
     panels = sorted(Path(f).name for f in files if f.endswith(".png"))
     assert kind == "run_table" and panels == sorted(p.name for p in (out / "panels").glob("*.png"))
+
+
+@pytest.mark.parametrize("app", ["reconstruct", "train", "sample"])
+def test_help_opens_with_purpose_and_examples(app):
+    proc = subprocess.run([sys.executable, "-m", f"ldir_pl.{app}", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0 and lines[0].startswith(f"ldir-{app}: ")
+    assert sum(line.startswith(f"  ldir-{app} ") for line in lines[:12]) == 2  # two example calls up front
+    if app == "reconstruct":  # every physics, sampler and data config is named
+        head = proc.stdout.split("== Config")[0]
+        for group in ("physics", "sampler", "data"):
+            for f in (ROOT / "conf" / group).glob("*.yaml"):
+                assert f.stem in head, (group, f.stem)
+
+
+def test_missing_setting_is_one_line_and_exit_2(tmp_path):
+    proc = _run(["data=dicom", f"output_dir={tmp_path}"], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "data.root" in proc.stderr.strip().splitlines()[-1]

@@ -5,12 +5,11 @@
 import pytest
 import pytorch_lightning as pl
 import torch
-from test_ldir_sampler import phantom, tiny_latent_bundle
-from test_pixel_dps import tiny_pixel_bundle
+from tiny import phantom, tiny_latent_bundle, tiny_pixel_bundle
 from torch.utils.data import DataLoader
 
 from ldir_pl.physics import Blur, CTPhysics, Inpainting, SuperResolution
-from ldir_pl.sampling import LDIRSampler, PixelDPSSampler, PseudoInverse, TVReconstructor
+from ldir_pl.sampling import PseudoInverse, TVReconstructor, load_sampler
 from ldir_pl.sampling.module import LDIRModule
 
 N = 32
@@ -20,14 +19,14 @@ PHYSICS = {
     "inpainting": lambda: Inpainting(image_size=N, missing=0.5),
     "superres": lambda: SuperResolution(image_size=N, factor=2),
 }
-FAST = dict(num_steps=3, progress=False)
+FAST = ["num_steps=3", "progress=false"]
 METHODS = {
-    "pinv": lambda: PseudoInverse(),
+    "pinv": lambda: PseudoInverse("pinv"),
     "tv": lambda: TVReconstructor(iterations=30),
-    "ldir": lambda: LDIRSampler(tiny_latent_bundle(N), final_steps=2, refine_iters=10, **FAST),
-    "latent_dps": lambda: LDIRSampler(tiny_latent_bundle(N), optimizer="sgd", refine="none", warm_start=None,
-                                      name="latent_dps", **FAST),
-    "pixel_dps": lambda: PixelDPSSampler(tiny_pixel_bundle(N), **FAST),
+    "ldir": lambda: load_sampler("ldir", tiny_latent_bundle(N), [*FAST, "final_steps=2", "refine.iters=10"]),
+    "ldir_paper": lambda: load_sampler("ldir_paper", tiny_latent_bundle(N), FAST),
+    "latent_dps": lambda: load_sampler("latent_dps", tiny_latent_bundle(N), [*FAST, "refine=null", "init=null"]),
+    "pixel_dps": lambda: load_sampler("pixel_dps", tiny_pixel_bundle(N), FAST),
 }
 
 

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
 
 from .ema import EMA
 from .images import log_image_grid
-from .schedules import adamw_warmup_cosine, make_ddpm_scheduler
-from .vae import CKPT_KIND_KEY, from_model, load_vae, to_model
+from .schedules import make_ddpm_scheduler
+from .training import PriorTrainingModule
+from .vae import from_model, load_vae, to_model
 
 
 def build_unet(
@@ -49,7 +49,7 @@ def build_unet(
     )
 
 
-class DiffusionModule(pl.LightningModule):
+class DiffusionModule(PriorTrainingModule):
     """DDPM training of a UNet with EMA, AdamW + warmup/cosine; validation samples with DDIM."""
 
     kind = "diffusion"
@@ -140,18 +140,8 @@ class DiffusionModule(pl.LightningModule):
             z = ddim.step(eps, t, z).prev_sample
         return self.decode(z)
 
-    def configure_optimizers(self):
-        return adamw_warmup_cosine(
-            self.unet.parameters(),
-            lr=self.hparams.lr,
-            total_steps=self.trainer.estimated_stepping_batches,
-            warmup_steps=self.hparams.warmup_steps,
-            weight_decay=self.hparams.weight_decay,
-            min_lr_ratio=self.hparams.min_lr_ratio,
-        )
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[CKPT_KIND_KEY] = self.kind
+    def trained_parameters(self):
+        return self.unet.parameters()
 
     def export_unet(self) -> UNet2DModel:
         """The EMA network (what gets exported and sampled)."""

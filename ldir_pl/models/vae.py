@@ -7,42 +7,25 @@ import math
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from diffusers import AutoencoderKL
 from torchmetrics.functional import structural_similarity_index_measure
 
-from .images import log_image_grid
-from .schedules import adamw_warmup_cosine
+from ldir_pl.metrics import psnr, ssim
 
-#: Images live in [0, 1]; the networks see ``SCALE * x + SHIFT`` in [-1, 1]. Stored in bundle metadata.
-INTENSITY_TRANSFORM = {"type": "affine", "scale": 2.0, "shift": -1.0, "data_range": [0.0, 1.0]}
-CKPT_KIND_KEY = "ldir_kind"
+from .images import log_image_grid
+from .intensity import DEFAULT as INTENSITY
+from .training import CKPT_KIND_KEY, PriorTrainingModule
 
 
 def to_model(x: torch.Tensor) -> torch.Tensor:
-    return x * INTENSITY_TRANSFORM["scale"] + INTENSITY_TRANSFORM["shift"]
+    """Images in [0, 1] -> what the networks see (the training transform, stored in every bundle)."""
+    return INTENSITY.to_model(x)
 
 
 def from_model(y: torch.Tensor) -> torch.Tensor:
-    return ((y - INTENSITY_TRANSFORM["shift"]) / INTENSITY_TRANSFORM["scale"]).clamp(0.0, 1.0)
-
-
-def _metrics():
-    """Per-image PSNR/SSIM: the project's ``ldir_pl.metrics`` when present, torchmetrics otherwise."""
-    try:
-        from ldir_pl.metrics import psnr, ssim
-
-        return psnr, ssim
-    except ImportError:  # pragma: no cover - only before the lead's metrics module exists
-        def psnr(x, ref):
-            mse = ((x - ref) ** 2).flatten(1).mean(1).clamp_min(1e-12)
-            return 10 * torch.log10(1.0 / mse)
-
-        def ssim(x, ref):
-            return structural_similarity_index_measure(x, ref, data_range=1.0, reduction="none")
-
-        return psnr, ssim
+    """Network output -> images, clamped to [0, 1] for losses and metrics on images."""
+    return INTENSITY.from_model(y).clamp(0.0, 1.0)
 
 
 def vae_channels(downsample_factor: int, base_channels: int = 64, max_mult: int = 4) -> list[int]:
@@ -88,7 +71,7 @@ def build_autoencoder(
     )
 
 
-class VAEModule(pl.LightningModule):
+class VAEModule(PriorTrainingModule):
     """Trains the autoencoder: L1 + ``kl_weight`` * KL (+ ``ssim_weight`` * (1 - SSIM)).
 
     ``kl_weight`` multiplies the per-image summed KL relative to the per-image *summed* L1, as in the
@@ -164,7 +147,6 @@ class VAEModule(pl.LightningModule):
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         out = self._losses(batch, sample_posterior=False)
         rec = from_model(out["rec"])
-        psnr, ssim = _metrics()
         self.log("val/loss", out["loss"], sync_dist=True)
         self.log("val/psnr", psnr(rec, batch).mean(), sync_dist=True, prog_bar=True)
         self.log("val/ssim", ssim(rec, batch).mean(), sync_dist=True)
@@ -177,18 +159,8 @@ class VAEModule(pl.LightningModule):
             log_image_grid(self, "val/reconstructions", torch.cat(self._val_images), nrow=len(self._val_images[0]))
         self._val_images = []
 
-    def configure_optimizers(self):
-        return adamw_warmup_cosine(
-            self.vae.parameters(),
-            lr=self.hparams.lr,
-            total_steps=self.trainer.estimated_stepping_batches,
-            warmup_steps=self.hparams.warmup_steps,
-            weight_decay=self.hparams.weight_decay,
-            min_lr_ratio=self.hparams.min_lr_ratio,
-        )
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[CKPT_KIND_KEY] = self.kind
+    def trained_parameters(self):
+        return self.vae.parameters()
 
     def export(self, path: str | Path) -> Path:
         """Write the autoencoder as a diffusers folder (what the latent stage loads)."""

@@ -16,7 +16,8 @@ step's factors (1 - b1), (1 - b2) at every step (a fixed rescaling, as in the LD
 pseudo-code, which does not track k); ``"none"`` uses m, v as they are.
 
 State is kept per tensor element, so a batch of images is updated independently. Updaters are
-plain objects: ``reset()`` before sampling a new batch, then ``update(z, g, lr)`` once per step.
+plain objects built from ``conf/sampler/update/*.yaml``: ``reset()`` before sampling a new batch, then
+``update(z, g, lr)`` once per step.
 ``lr`` may be a float or a per-image tensor of shape (B,).
 """
 
@@ -27,7 +28,6 @@ import math
 import torch
 from torch import Tensor
 
-OPTIMIZERS = ("adam", "momentum", "sgd")
 BIAS_CORRECTIONS = ("standard", "constant", "none")
 
 
@@ -66,7 +66,7 @@ class Momentum(HistoryUpdater):
 
     name = "momentum"
 
-    def __init__(self, mu: float = 0.9, nesterov: bool = True) -> None:
+    def __init__(self, mu: float, nesterov: bool) -> None:
         super().__init__()
         if not 0.0 <= mu < 1.0:
             raise ValueError(f"momentum={mu}: must be in [0, 1)")
@@ -86,8 +86,7 @@ class Momentum(HistoryUpdater):
 class Adam(HistoryUpdater):
     name = "adam"
 
-    def __init__(self, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
-                 bias_correction: str = "standard") -> None:
+    def __init__(self, beta1: float, beta2: float, eps: float, bias_correction: str) -> None:
         super().__init__()
         if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
             raise ValueError(f"adam betas ({beta1}, {beta2}) must be in [0, 1)")
@@ -117,40 +116,31 @@ class Adam(HistoryUpdater):
         return (self.m / c1) / ((self.v / c2).sqrt() + self.eps)
 
 
-def make_updater(optimizer: str = "adam", beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
-                 momentum: float = 0.9, bias_correction: str = "standard") -> HistoryUpdater:
-    """Updater by name: ``adam`` | ``momentum`` (Nesterov) | ``sgd``."""
-    if optimizer == "adam":
-        return Adam(beta1, beta2, eps, bias_correction)
-    if optimizer == "momentum":
-        return Momentum(momentum, nesterov=True)
-    if optimizer == "sgd":
-        return SGD()
-    raise ValueError(f"optimizer={optimizer!r}: expected one of {OPTIMIZERS}")
-
-
-def step_size_schedule(kind: str, lr: float, i: int, n: int, alpha_bar: float | None = None,
-                       end_ratio: float = 0.0) -> float:
+class StepSize:
     """Step size at sampling step ``i`` of ``n``.
 
     ``constant``: lr. ``linear``: lr decays linearly to ``end_ratio * lr`` at the last step.
     ``cosine``: the same with a cosine shape. ``sqrt_one_minus_alpha_bar``: lr * sqrt(1 - alpha_bar_t)
     (large steps while the sample is noisy, vanishing at the end).
     """
-    frac = i / max(1, n - 1)
-    if kind == "constant":
-        return lr
-    if kind == "linear":
-        return lr * (1.0 - (1.0 - end_ratio) * frac)
-    if kind == "cosine":
-        return lr * (end_ratio + (1.0 - end_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac)))
-    if kind == "sqrt_one_minus_alpha_bar":
+
+    def __init__(self, lr: float, schedule: str, end_ratio: float) -> None:
+        if schedule not in STEP_SCHEDULES:
+            raise ValueError(f"sampler.step_size.schedule={schedule!r}: expected one of {STEP_SCHEDULES}")
+        self.lr, self.schedule, self.end_ratio = float(lr), schedule, float(end_ratio)
+
+    def __call__(self, i: int, n: int, alpha_bar: float | None = None) -> float:
+        frac = i / max(1, n - 1)
+        if self.schedule == "constant":
+            return self.lr
+        if self.schedule == "linear":
+            return self.lr * (1.0 - (1.0 - self.end_ratio) * frac)
+        if self.schedule == "cosine":
+            return self.lr * (self.end_ratio + (1.0 - self.end_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac)))
         if alpha_bar is None:
-            raise ValueError("step_schedule='sqrt_one_minus_alpha_bar' needs alpha_bar")
-        return lr * math.sqrt(max(0.0, 1.0 - alpha_bar))
-    raise ValueError(f"step_schedule={kind!r}: expected constant | linear | cosine | sqrt_one_minus_alpha_bar")
+            raise ValueError("step_size.schedule='sqrt_one_minus_alpha_bar' needs alpha_bar")
+        return self.lr * math.sqrt(max(0.0, 1.0 - alpha_bar))
 
 
 STEP_SCHEDULES = ("constant", "linear", "cosine", "sqrt_one_minus_alpha_bar")
-__all__ = ["Adam", "HistoryUpdater", "Momentum", "SGD", "OPTIMIZERS", "STEP_SCHEDULES", "make_updater",
-           "step_size_schedule"]
+__all__ = ["Adam", "HistoryUpdater", "Momentum", "SGD", "STEP_SCHEDULES", "StepSize"]

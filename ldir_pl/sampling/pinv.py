@@ -14,7 +14,7 @@ class PseudoInverse:
     """``physics.A_dagger(y)`` clipped to [0, 1] like every other method, so metrics compare like with like.
     ``sampler=fbp`` reports it as ``fbp`` (CT), ``sampler=pinv`` as ``pinv``."""
 
-    def __init__(self, name: str = "pinv", clip: bool = True) -> None:
+    def __init__(self, name: str, clip: bool = True) -> None:
         self.name, self.clip = str(name), bool(clip)
 
     @torch.no_grad()

@@ -29,18 +29,11 @@ def resolve_prior(prior: Any, device: torch.device | str = "cpu", kind: str | No
         raise ValueError(f"this sampler needs a {kind!r} prior, but the bundle holds a {bundle.kind!r} prior")
     if bundle.kind == "latent" and bundle.vae is None:
         raise ValueError("latent prior bundle has no VAE")
-    bundle.unet.to(device).eval().requires_grad_(False)
+    bundle.to(device)
+    bundle.unet.eval().requires_grad_(False)
     if bundle.vae is not None:
-        bundle.vae.to(device).eval().requires_grad_(False)
+        bundle.vae.eval().requires_grad_(False)
     return bundle
 
 
-def intensity_transform(metadata: dict | None) -> tuple[float, float]:
-    """(scale, shift) with network space = scale * x + shift, x in [0, 1] (default 2x - 1)."""
-    t = (metadata or {}).get("intensity_transform") or {}
-    if t.get("type", "affine") != "affine":
-        raise ValueError(f"unsupported intensity transform in the prior metadata: {t}")
-    return float(t.get("scale", 2.0)), float(t.get("shift", -1.0))
-
-
-__all__ = ["intensity_transform", "resolve_prior"]
+__all__ = ["resolve_prior"]

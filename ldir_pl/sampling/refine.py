@@ -94,4 +94,18 @@ def refine(x0: Tensor, y: Tensor, physics, method: str = "cg", iters: int = 10, 
     return x.clamp(0, 1) if clamp else x
 
 
-__all__ = ["REFINE_METHODS", "operator_norm_sq", "refine"]
+class Refine:
+    """The configured refinement as one part of a sampler: ``Refine(method, iters, lam, tv_weight)(x, y, physics)``."""
+
+    def __init__(self, method: str, iters: int, lam: float, tv_weight: float) -> None:
+        if method not in REFINE_METHODS or method == "none":
+            raise ValueError(f"sampler.refine.method={method!r}: expected one of {REFINE_METHODS[1:]} "
+                             "(sampler.refine=null for none)")
+        self.method, self.iters, self.lam, self.tv_weight = method, int(iters), float(lam), float(tv_weight)
+
+    def __call__(self, x: Tensor, y: Tensor, physics) -> Tensor:
+        return refine(x, y, physics, method=self.method, iters=self.iters, lam_rel=self.lam,
+                      tv_weight=self.tv_weight)
+
+
+__all__ = ["REFINE_METHODS", "Refine", "operator_norm_sq", "refine"]
