@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--prior", required=True)
     ap.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data" / "ct-dicom"))
     ap.add_argument("--physics", nargs="+", default=["blur", "inpainting", "superres"])
-    ap.add_argument("--tv-weights", type=float, nargs="+", default=[1e-5, 3e-5, 1e-4, 3e-4])
+    ap.add_argument("--tv-weights", type=float, nargs="+", default=[1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4])
     ap.add_argument("--max-images", type=int, default=6)
     ap.add_argument("--split", default="val", help="validation patients: nothing is reported on test here")
     ap.add_argument("--out", default="outputs/operator_table")

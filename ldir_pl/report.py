@@ -41,11 +41,6 @@ def write_csv(rows: Iterable[Mapping], path: Path) -> None:
             w.writerow({k: r[k] for k in CSV_FIELDS})
 
 
-def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return [{k: (v if k in ("id", "method") else float(v)) for k, v in r.items()} for r in csv.DictReader(f)]
-
-
 def summarize(rows: Sequence[Mapping]) -> dict[str, dict]:
     """Per method: mean PSNR/SSIM (NaN without ground truth), seconds per image, peak memory, n."""
     by_method: dict[str, list[Mapping]] = defaultdict(list)

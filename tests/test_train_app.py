@@ -15,15 +15,7 @@ from wandb_records import summary as wandb_summary
 from ldir_pl.models import load_prior
 from ldir_pl.train import compose_config
 
-TINY = [
-    "experiment=demo", "logger=none", "data.image_size=32", "data.num_train=16", "data.num_val=4",
-    "data.batch_size=8", "model.vae.block_out_channels=[8,16,16]",
-    "model.ldm.unet.block_out_channels=[16,32]", "model.ldm.unet.attention_levels=[1]",
-    "model.ldm.num_val_samples=2", "model.ldm.val_inference_steps=2", "model.ldm.warmup_steps=1",
-    "model.vae.warmup_steps=1", "stages.vae.trainer.max_epochs=1", "stages.ldm.trainer.max_epochs=1",
-    "stages.vae.trainer.check_val_every_n_epoch=1", "stages.ldm.trainer.check_val_every_n_epoch=1",
-    "trainer.num_sanity_val_steps=0", "callbacks.progress_bar.refresh_rate=100",
-]
+TINY = ["experiment=demo", "debug=tiny", "logger=none"]
 
 
 def ldir_train(*overrides: str, tmp_path: Path, check: bool = True) -> subprocess.CompletedProcess:

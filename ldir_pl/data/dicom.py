@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 
@@ -54,7 +53,3 @@ class DicomDataModule(SliceDataModule):
         self.setup()
         keep = self._split[split]
         return [(i, StoredImage(t)) for i, t in self._images.items() if self._patients[i] in keep]
-
-    @property
-    def files_root(self) -> Path:
-        return Path(self.root)

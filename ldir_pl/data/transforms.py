@@ -19,10 +19,6 @@ def hu_to_unit(hu: np.ndarray | Tensor) -> np.ndarray | Tensor:
     return x.clip(0.0, 1.0)
 
 
-def unit_to_hu(x: np.ndarray | Tensor) -> np.ndarray | Tensor:
-    return x * HU_SCALE - HU_OFFSET
-
-
 def resize_area(img: Tensor, size: int) -> Tensor:
     """Resize a (..., H, W) image to (size, size) by area averaging (exact 2x2 means for 512 -> 256)."""
     if tuple(img.shape[-2:]) == (size, size):

@@ -85,8 +85,6 @@ class RayTransform(nn.Module):
         self._check(y, self.sino_shape, "sinogram")
         return _Apply.apply(y, self, True)
 
-    T = adjoint
-
     def extra_repr(self) -> str:
         return f"backend={self.backend}, geometry={self.geometry.as_dict()}"
 

@@ -43,8 +43,4 @@ class DataFidelity:
         return {"p": self.p, "squared": self.squared, "normalize": self.normalize}
 
 
-def fidelity_loss(y: Tensor, ax: Tensor, p: int = 2, squared: bool = True, normalize: bool = False) -> Tensor:
-    return DataFidelity(p, squared, normalize)(y, ax)
-
-
-__all__ = ["DataFidelity", "fidelity_loss"]
+__all__ = ["DataFidelity"]
