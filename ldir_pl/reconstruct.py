@@ -19,6 +19,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+from pytorch_lightning.loggers import WandbLogger
 
 from ldir_pl.cli import user_errors
 from ldir_pl.conf_dir import CONF_DIR
@@ -102,7 +103,7 @@ def run(cfg: DictConfig) -> dict[str, dict]:
     print(format_table(summary, title))
     panels = f", panels in {out / 'panels'}/" if any(out.glob("panels/*.png")) else ""
     print(f"per image: {out / 'metrics.csv'}; per method: {out / 'summary.json'}{panels}", flush=True)
-    if logger and hasattr(logger, "experiment") and type(logger).__name__ == "WandbLogger":
+    if isinstance(logger, WandbLogger):
         log_to_wandb(logger, summary, rows, out)
     return summary
 

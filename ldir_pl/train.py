@@ -19,6 +19,8 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
 from ldir_pl.cli import user_errors
 from ldir_pl.conf_dir import CONF_DIR
@@ -71,33 +73,35 @@ def _merged(base: DictConfig, extra: Any) -> DictConfig:
 
 
 def _callbacks(cfg: DictConfig, stage: str, stage_dir: Path, has_logger: bool) -> list[pl.Callback]:
+    """The configured callbacks; checkpoints go to the stage's folder and watch its metric unless set."""
     metric, mode = stage_metric(cfg, stage)
     callbacks = []
     for name, cb_cfg in (cfg.get("callbacks") or {}).items():
         if not isinstance(cb_cfg, DictConfig) or "_target_" not in cb_cfg:
             continue
-        cb_cfg = OmegaConf.create(_plain(cb_cfg))
-        if cb_cfg._target_.endswith("LearningRateMonitor") and not has_logger:
+        cls = hydra.utils.get_class(cb_cfg._target_)
+        if issubclass(cls, LearningRateMonitor) and not has_logger:
             continue  # Lightning refuses it without a logger
-        if cb_cfg._target_.endswith("ModelCheckpoint"):
-            with open_dict(cb_cfg):
-                cb_cfg.dirpath = cb_cfg.get("dirpath") or str(stage_dir / "checkpoints")
-                if cb_cfg.get("monitor") is None:
-                    cb_cfg.monitor, cb_cfg.mode = metric, mode
-        callbacks.append(hydra.utils.instantiate(cb_cfg))
+        extra: dict[str, Any] = {}
+        if issubclass(cls, ModelCheckpoint):
+            extra["dirpath"] = cb_cfg.get("dirpath") or str(stage_dir / "checkpoints")
+            if cb_cfg.get("monitor") is None:
+                extra.update(monitor=metric, mode=mode)
+        callbacks.append(hydra.utils.instantiate(cb_cfg, **extra))
         log.debug("callback %s: %s", name, type(callbacks[-1]).__name__)
     return callbacks
 
 
 def _logger(cfg: DictConfig, stage: str, stage_dir: Path):
+    """The configured logger, one run (W&B) or folder (CSV, TensorBoard) per stage."""
     lcfg = cfg.get("logger")
     if not lcfg or "_target_" not in lcfg:
         return False
-    target = lcfg._target_
+    cls = hydra.utils.get_class(lcfg._target_)
     extra: dict[str, Any] = {}
-    if target.endswith("WandbLogger"):
+    if issubclass(cls, WandbLogger):
         extra = {"name": f"{cfg.experiment_name}-{stage}", "job_type": stage}
-    elif target.endswith(("CSVLogger", "TensorBoardLogger")):
+    elif issubclass(cls, (CSVLogger, TensorBoardLogger)):
         extra = {"save_dir": str(stage_dir), "name": "logs"}
     logger = hydra.utils.instantiate(lcfg, **extra)
     logger.log_hyperparams({"run_config": _plain(cfg)})  # the whole Hydra config, next to the module's hparams
@@ -107,13 +111,13 @@ def _logger(cfg: DictConfig, stage: str, stage_dir: Path):
 def _finish_logger(trainer: pl.Trainer) -> None:
     """Close the W&B run so the next stage starts its own."""
     for lg in trainer.loggers:
-        if type(lg).__name__ == "WandbLogger" and trainer.is_global_zero:
+        if isinstance(lg, WandbLogger) and trainer.is_global_zero:
             lg.experiment.finish()
 
 
 def _log_artifact(trainer: pl.Trainer, path: Path, name: str, kind: str) -> None:
     for lg in trainer.loggers:
-        if type(lg).__name__ == "WandbLogger" and trainer.is_global_zero:
+        if isinstance(lg, WandbLogger) and trainer.is_global_zero:
             import wandb
 
             art = wandb.Artifact(name=name, type=kind)
