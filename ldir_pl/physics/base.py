@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ldir_pl.physics.noise import NoiseModel
+from ldir_pl.physics.noise import GaussianNoise, NoiseModel
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
@@ -27,11 +27,12 @@ class LinearPhysics(nn.Module):
 
     kind = "linear"
 
-    def __init__(self, image_size: int, noise: NoiseModel, seed: int = 0, dagger_iters: int = 10) -> None:
+    def __init__(self, image_size: int, noise: NoiseModel | None, seed: int = 0, dagger_iters: int = 10) -> None:
         super().__init__()
         if int(image_size) < 8:
             raise ValueError(f"physics.image_size={image_size}: need at least 8 pixels")
-        self.image_size, self.noise, self.seed = int(image_size), noise, int(seed)
+        self.image_size, self.seed = int(image_size), int(seed)
+        self.noise = noise if noise is not None else GaussianNoise(relative=0.01)  # conf/physics/noise/gaussian
         self.dagger_iters = int(dagger_iters)
 
     # ------------------------------------------------------------------ the operator
@@ -89,13 +90,17 @@ class LinearPhysics(nn.Module):
         return self.noise(self.A(x), ids, self.seed)
 
     def check(self, y: Tensor, source: str = "measurement") -> None:
-        """Clear error before any work when ``y`` cannot come from this operator."""
+        """Clear error before any work when ``y`` cannot come from this operator (shape, NaN/inf)."""
+        self._check_measurement_shape(y, source)
+        if not torch.isfinite(y).all():
+            raise ValueError(f"{source}: measurement holds {int((~torch.isfinite(y)).sum())} NaN/inf values")
+
+    def _check_measurement_shape(self, y: Tensor, source: str = "measurement") -> None:
+        """Shape only: cheap enough for every operator call inside an iterative solver (no device sync)."""
         expected = tuple(self.meas_shape)
         if y.ndim < len(expected) or tuple(y.shape[-len(expected):]) != expected:
             raise ValueError(f"{source}: measurement shape {tuple(y.shape)} does not match the physics "
                              f"({self.label}): expected (..., {', '.join(map(str, expected))})")
-        if not torch.isfinite(y).all():
-            raise ValueError(f"{source}: measurement holds {int((~torch.isfinite(y)).sum())} NaN/inf values")
 
     def _check_image(self, x: Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != 1 or tuple(x.shape[-2:]) != self.image_shape:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ldir_pl.physics.base import LinearPhysics
-from ldir_pl.physics.noise import GaussianNoise, NoiseModel
+from ldir_pl.physics.noise import NoiseModel
 
 BOUNDARIES = ("circular", "zero")
 
@@ -38,8 +38,7 @@ class Blur(LinearPhysics):
     def __init__(self, image_size: int = 256, sigma: float = 2.0, kernel: Sequence[Sequence[float]] | None = None,
                  boundary: str = "circular", noise: NoiseModel | None = None, seed: int = 0,
                  dagger_iters: int = 10) -> None:
-        super().__init__(image_size, noise if noise is not None else GaussianNoise(relative=0.01), seed,
-                         dagger_iters)
+        super().__init__(image_size, noise, seed, dagger_iters)
         if boundary not in BOUNDARIES:
             raise ValueError(f"physics.boundary={boundary!r}: expected one of {BOUNDARIES}")
         if kernel is None:
@@ -78,7 +77,7 @@ class Blur(LinearPhysics):
         return self._conv(x, self.kernel)
 
     def A_adjoint(self, y: Tensor) -> Tensor:
-        self.check(y, "adjoint input")
+        self._check_measurement_shape(y, "adjoint input")
         return self._conv(y, self.kernel.flip(-1, -2))  # correlation with the flipped kernel: the transpose
 
     def describe(self) -> dict:

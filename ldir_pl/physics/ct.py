@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ldir_pl.physics.base import LinearPhysics
 from ldir_pl.physics.geometry import CTGeometry
-from ldir_pl.physics.noise import GaussianNoise, NoiseModel
+from ldir_pl.physics.noise import NoiseModel
 from ldir_pl.physics.ray_transform import RayTransform
 
 
@@ -40,7 +40,7 @@ class CTPhysics(LinearPhysics):
         seed: int = 0,
         cache_dir: str | None = None,
     ) -> None:
-        super().__init__(image_size, noise if noise is not None else GaussianNoise(relative=0.01), seed)
+        super().__init__(image_size, noise, seed)
         self.geometry = CTGeometry(
             kind=kind, num_views=int(num_views),
             angle_range_deg=tuple(angle_range_deg) if angle_range_deg is not None else None,

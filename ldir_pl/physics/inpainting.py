@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ldir_pl.physics.base import LinearPhysics
-from ldir_pl.physics.noise import GaussianNoise, NoiseModel
+from ldir_pl.physics.noise import NoiseModel
 
 MASKS = ("random", "box")
 
@@ -25,7 +25,7 @@ class Inpainting(LinearPhysics):
 
     def __init__(self, image_size: int = 256, mask: str = "random", missing: float = 0.7, mask_seed: int = 0,
                  noise: NoiseModel | None = None, seed: int = 0) -> None:
-        super().__init__(image_size, noise if noise is not None else GaussianNoise(relative=0.01), seed)
+        super().__init__(image_size, noise, seed)
         if mask not in MASKS:
             raise ValueError(f"physics.mask={mask!r}: expected one of {MASKS}")
         if not 0.0 <= float(missing) < 1.0:
@@ -55,7 +55,7 @@ class Inpainting(LinearPhysics):
         return x * self.mask.to(x.device, x.dtype)
 
     def A_adjoint(self, y: Tensor) -> Tensor:
-        self.check(y, "adjoint input")
+        self._check_measurement_shape(y, "adjoint input")
         return y * self.mask.to(y.device, y.dtype)
 
     @torch.no_grad()

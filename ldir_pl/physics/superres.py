@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ldir_pl.physics.base import LinearPhysics
-from ldir_pl.physics.noise import GaussianNoise, NoiseModel
+from ldir_pl.physics.noise import NoiseModel
 
 
 class SuperResolution(LinearPhysics):
@@ -17,7 +17,7 @@ class SuperResolution(LinearPhysics):
 
     def __init__(self, image_size: int = 256, factor: int = 4, noise: NoiseModel | None = None,
                  seed: int = 0) -> None:
-        super().__init__(image_size, noise if noise is not None else GaussianNoise(relative=0.01), seed)
+        super().__init__(image_size, noise, seed)
         if int(factor) < 2 or self.image_size % int(factor):
             raise ValueError(f"physics.factor={factor}: need an integer >= 2 dividing image_size={image_size}")
         self.factor = int(factor)
@@ -35,7 +35,7 @@ class SuperResolution(LinearPhysics):
         return F.avg_pool2d(x, self.factor)
 
     def A_adjoint(self, y: Tensor) -> Tensor:
-        self.check(y, "adjoint input")
+        self._check_measurement_shape(y, "adjoint input")
         f = self.factor
         return y.repeat_interleave(f, dim=-2).repeat_interleave(f, dim=-1) / (f * f)
 
