@@ -17,6 +17,38 @@ def _isolated_matrix_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("LDIR_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "matrices"))
 
 
+@pytest.fixture(scope="module")
+def latent_bundle():
+    """A tiny latent prior (real diffusers VAE + UNet, random weights) for 32x32 images."""
+    from tiny import tiny_latent_bundle
+
+    return tiny_latent_bundle()
+
+
+@pytest.fixture(scope="module")
+def pixel_bundle():
+    """A tiny pixel prior (real diffusers UNet, random weights) for 32x32 images."""
+    from tiny import tiny_pixel_bundle
+
+    return tiny_pixel_bundle()
+
+
+@pytest.fixture(scope="module")
+def ct_physics():
+    """Parallel beam, 8 views, 32x32, 1% Gaussian noise."""
+    from ldir_pl.physics import CTPhysics, GaussianNoise
+
+    return CTPhysics(kind="parallel", num_views=8, image_size=32, noise=GaussianNoise(relative=0.01))
+
+
+@pytest.fixture
+def tiny_train_config(tmp_path):
+    """The training config at test sizes (``debug=tiny``) writing under ``tmp_path``."""
+    from ldir_pl.train import compose_config
+
+    return compose_config(["experiment=demo", "debug=tiny", "logger=none", f"output_dir={tmp_path / 'out'}"])
+
+
 @pytest.fixture
 def shared_dicom() -> Path:
     if not SHARED_DICOM.is_dir():

@@ -38,6 +38,17 @@ def prior_run(tmp_path_factory) -> Path:
     return out
 
 
+def test_in_process_training_of_the_tiny_config(tiny_train_config):
+    """The library path (no CLI): ``train_prior`` on the composed ``debug=tiny`` config."""
+    from ldir_pl.train import train_prior
+
+    prior = train_prior(tiny_train_config)
+    bundle = load_prior(prior, kind="latent")
+    assert bundle.image_size == 32 and bundle.latent_shape == (4, 8, 8)
+    out = prior.parent
+    assert (out / "config.yaml").exists() and json.loads((out / "train_summary.json").read_text())["ldm"]["seconds"] > 0
+
+
 def test_prior_stage_exports_loadable_bundle(prior_run):
     bundle = load_prior(prior_run / "prior", kind="latent")
     assert bundle.image_size == 32 and bundle.latent_shape == (4, 8, 8)
