@@ -23,7 +23,7 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
 
 
 class LinearPhysics(nn.Module):
-    """Base class: subclasses implement ``A``, ``A_adjoint``, ``meas_shape`` and ``label``."""
+    """Base class: subclasses implement ``A``, ``A_adjoint`` and ``label`` (and ``meas_shape`` unless it is the image's)."""
 
     kind = "linear"
 
@@ -42,7 +42,8 @@ class LinearPhysics(nn.Module):
 
     @property
     def meas_shape(self) -> tuple[int, ...]:
-        raise NotImplementedError
+        """The image's shape for image-to-image operators (blur, inpainting); others override it."""
+        return self.image_shape
 
     @property
     def label(self) -> str:

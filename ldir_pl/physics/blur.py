@@ -56,10 +56,6 @@ class Blur(LinearPhysics):
         self.register_buffer("kernel", k[None, None], persistent=False)
 
     @property
-    def meas_shape(self) -> tuple[int, int]:
-        return self.image_shape
-
-    @property
     def label(self) -> str:
         what = f"Gaussian blur sigma {self.sigma:g} px" if self.sigma is not None else \
             f"{self.kernel.shape[-2]}x{self.kernel.shape[-1]} kernel blur"

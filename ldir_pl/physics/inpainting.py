@@ -43,10 +43,6 @@ class Inpainting(LinearPhysics):
         self.register_buffer("mask", m[None, None], persistent=False)
 
     @property
-    def meas_shape(self) -> tuple[int, int]:
-        return self.image_shape
-
-    @property
     def label(self) -> str:
         return f"inpainting, {self.mask_kind} mask, {100 * self.missing:.0f}% missing"
 
