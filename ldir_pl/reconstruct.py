@@ -25,6 +25,7 @@ from ldir_pl.cli import user_errors
 from ldir_pl.conf_dir import CONF_DIR
 from ldir_pl.prediction_writer import ReconstructionWriter
 from ldir_pl.report import format_table, summarize, write_csv, write_json
+from ldir_pl.sampling.configs import compose_sampler
 from ldir_pl.sampling.module import LDIRModule
 from ldir_pl.sweep_report import write_sweep_report
 
@@ -33,18 +34,7 @@ log = logging.getLogger(__name__)
 
 def sampler_config(name: str) -> dict:
     """``conf/sampler/<name>.yaml`` composed by Hydra (so its own ``defaults`` apply), unresolved."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    if not (CONF_DIR / "sampler" / f"{name}.yaml").exists():
-        raise FileNotFoundError(f"baselines: no sampler config {CONF_DIR / 'sampler' / (name + '.yaml')}")
-    overrides = [f"sampler={name}"]
-    if GlobalHydra.instance().is_initialized():
-        composed = compose(config_name="reconstruct", overrides=overrides)
-    else:
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            composed = compose(config_name="reconstruct", overrides=overrides)
-    return OmegaConf.to_container(composed.sampler, resolve=False)
+    return OmegaConf.to_container(compose_sampler(name).sampler, resolve=False)
 
 
 def build_methods(cfg: DictConfig) -> dict:
