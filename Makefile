@@ -30,7 +30,7 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 
 demo: $(VENV)/.installed
-	$(BIN)/python -m ldir_pl.demo
+	$(BIN)/python -m ldir_pl.apps.demo
 
 gpu-check:
 	$(CHECK_PY) experiments/gpu_check.py --device cuda

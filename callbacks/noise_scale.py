@@ -14,7 +14,7 @@ averaged over several measurements before dividing, as the paper recommends.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -68,3 +68,32 @@ def split_batch(batch: Any, parts: int) -> list[Any]:
 
 def flat_grad_sq_norm(grads: Iterable[torch.Tensor | None]) -> float:
     return float(sum(g.detach().double().pow(2).sum() for g in grads if g is not None))
+
+
+def mean_noise_terms(
+    loss_of: Callable[[Any, int], torch.Tensor],
+    params: Sequence[torch.Tensor],
+    batches: Iterable[Any],
+    batch_size: int,
+) -> tuple[float, float] | None:
+    """Mean (|G|^2, S) over ``batches`` of ``batch_size`` samples; None without batches.
+
+    Each batch is split in halves: their gradients' mean squared norm is |G_small|^2 at half the batch and
+    the squared norm of their mean is |G_big|^2 at the full batch, so one batch gives both sizes without
+    an optimizer step. ``loss_of(half, index)`` returns the loss to differentiate. The means are returned
+    (not their ratio) so that callers can average them across processes before dividing.
+    """
+    est = NoiseScaleEstimator()
+    small_b = batch_size // 2
+    for k, batch in enumerate(batches):
+        grads = []
+        for half in split_batch(batch, 2):
+            loss = loss_of(half, k)
+            grads.append([g.float() if g is not None else None
+                          for g in torch.autograd.grad(loss, params, allow_unused=True)])
+        small = (flat_grad_sq_norm(grads[0]) + flat_grad_sq_norm(grads[1])) / 2
+        big = flat_grad_sq_norm([(a + b) / 2 if a is not None else None for a, b in zip(grads[0], grads[1])])
+        est.update(small, big, small_b, 2 * small_b)
+    if not est.g2:
+        return None
+    return sum(est.g2) / len(est.g2), sum(est.s) / len(est.s)

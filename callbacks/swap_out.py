@@ -71,6 +71,34 @@ class SwapOutCallback(pl.Callback):
     def history(self) -> list[dict[str, Any]]:
         return self.engine.history if self.engine is not None else []
 
+    # ---------------------------------------------------------- for steps run outside Lightning's loop
+    # A caller that runs optimizer steps itself (the batch-size search's trials) drives the swap through
+    # these instead of calling the hooks or reading engine internals.
+    @property
+    def profile_steps(self) -> int:
+        """Steps of each new batch signature that are profiled (no offload, synchronised) before the plan
+        executes: a caller timing steady-state steps at a new batch size skips this many."""
+        return int(self.kwargs["profile_steps"])
+
+    @property
+    def last_resident_bytes(self) -> int | None:
+        """Saved-activation bytes the last finished step kept on the device (None before any)."""
+        return self.history[-1].get("measured_resident_bytes") if self.history else None
+
+    def begin_step(self, batch: Any) -> None:
+        """Install the hooks for one training step on ``batch`` (no-op when disabled or not set up)."""
+        if not self.enabled or self.engine is None:
+            return
+        self.engine.step_begin(batch_signature(batch))
+        self._active = True
+
+    def end_step(self) -> dict[str, Any] | None:
+        """Close the step opened by :meth:`begin_step` and return its figures (None if none was open)."""
+        if not self._active:
+            return None
+        self._active = False
+        return self.engine.step_end()
+
     @property
     def state_key(self) -> str:
         return f"SwapOutCallback{{'memory_budget': {self.kwargs['memory_budget']}}}"
@@ -89,7 +117,7 @@ class SwapOutCallback(pl.Callback):
         self.abort_step()
 
     def abort_step(self) -> None:
-        """Leave the hooks of an interrupted step (used after an OOM trial)."""
+        """Leave the hooks of an interrupted step (an exception, e.g. an OOM trial) without recording it."""
         if self.engine is not None:
             self.engine.abort()
         self._active = False
@@ -98,12 +126,9 @@ class SwapOutCallback(pl.Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if not self.enabled:
-            return
-        if self.engine is None:
+        if self.enabled and self.engine is None:
             self.engine = SwapEngine(pl_module, **self.kwargs)
-        self.engine.step_begin(batch_signature(batch))
-        self._active = True
+        self.begin_step(batch)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         if self._active:
@@ -116,11 +141,8 @@ class SwapOutCallback(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self._active:
-            return
-        self._active = False
-        stats = self.engine.step_end()
-        if trainer is not None and trainer.global_step % self.log_every_n_steps == 0:
+        stats = self.end_step()
+        if stats is not None and trainer.global_step % self.log_every_n_steps == 0:
             self._log(pl_module, stats)
 
     def _log(self, pl_module: pl.LightningModule, stats: dict[str, Any]) -> None:
@@ -139,7 +161,4 @@ class SwapOutCallback(pl.Callback):
                 continue
             out[k] = float(v) / _MB if k.endswith("_mb") else float(v) * 1e3
         out["swap/replans"] = float(stats.get("replans", 0))
-        try:
-            pl_module.log_dict(out, on_step=True, on_epoch=False, batch_size=1)
-        except Exception:  # outside a loop (e.g. a batch-size trial): keep figures in history only
-            pass
+        pl_module.log_dict(out, on_step=True, on_epoch=False, batch_size=1)

@@ -53,10 +53,10 @@ def run_one(args: argparse.Namespace) -> dict:
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler
 
+    from ldir_pl.apps.sampler_configs import load_sampler
     from ldir_pl.models.bundle import PriorBundle
     from ldir_pl.models.latent_diffusion import build_unet
     from ldir_pl.physics import CTPhysics, GaussianNoise
-    from ldir_pl.sampling import load_sampler
 
     torch.manual_seed(0)
     if args.threads:
@@ -83,7 +83,7 @@ def run_one(args: argparse.Namespace) -> dict:
                           norm_num_groups=min(32, widths[0]))
         bundle = PriorBundle(unet, sched, vae, 1.0, size, (4, lat, lat), "latent", meta)
         # the paper's loop (noise at T, no warm start, final steps or refinement): the cost of guidance itself
-        config = ("ldir_paper", [f"num_steps={args.steps}", f"grad_wrt={args.grad_wrt}", "progress=false"])
+        config = ("ldir_paper", [f"num_steps={args.steps}", f"guidance.wrt={args.grad_wrt}", "progress=false"])
     sampler = load_sampler(config[0], bundle, config[1]).to(dev)
     physics = CTPhysics(kind="parallel", num_views=args.views, image_size=size, noise=GaussianNoise(relative=0.01))
     physics.to(dev)

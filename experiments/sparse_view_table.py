@@ -4,7 +4,7 @@
     python experiments/sparse_view_table.py --prior P --views 23 10 --methods ldir latent_dps --max-images 4 \
         -- sampler.num_steps=30
 
-Runs ``python -m ldir_pl.reconstruct -m physics.num_views=<views> sampler=<methods>`` with FBP and TV as
+Runs ``python -m ldir_pl.apps.reconstruct -m physics.num_views=<views> sampler=<methods>`` with FBP and TV as
 baselines in every job, on the *test* patients of ``../shared/data/ct-dicom`` (``data.predict_split=test``:
 the patient split of ``data=dicom`` / ``data=ct_mix``, which no training, checkpoint choice or sampler tuning
 sees; tune with ``experiments/tune_sampler.py`` on the validation patients; reference protocol: 256x256,
@@ -33,7 +33,7 @@ def vae_fidelity(prior: str, data_root: str, split: str, max_images: int | None,
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from ldir_pl.conf_dir import CONF_DIR
+    from ldir_pl.apps.conf_dir import CONF_DIR
     from ldir_pl.metrics import image_metrics
     from ldir_pl.models.bundle import PriorBundle
 
@@ -58,27 +58,32 @@ def vae_fidelity(prior: str, data_root: str, split: str, max_images: int | None,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prior", required=True, help="latent prior bundle (ldir-train output OUT/prior)")
+    ap.add_argument("--prior", default=None, help="latent prior bundle (default: the packaged one)")
     ap.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data" / "ct-dicom"))
     ap.add_argument("--out", default="outputs/sparse_view_table")
     ap.add_argument("--views", type=int, nargs="+", default=[23, 10])
     ap.add_argument("--methods", nargs="+", default=["ldir"],
                     help="names of conf/sampler/*.yaml swept as the main method")
     ap.add_argument("--baselines", nargs="+", default=["fbp", "tv"])
-    ap.add_argument("--split", default="test", help="data.predict_split: test = patients nothing was tuned on")
+    ap.add_argument("--split", default="val", help="data.predict_split: val while tuning; test (patients nothing "
+                    "was tuned on) only for the reported table")
     ap.add_argument("--max-images", type=int, default=None)
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job (after --)")
     args = ap.parse_args()
 
-    from ldir_pl.sweep_report import markdown_table, write_sweep_report
+    from ldir_pl.apps.sweep_report import markdown_table, write_sweep_report
 
     out = Path(args.out).resolve()
     if not Path(args.data_root).is_dir():
         sys.exit(f"data folder {args.data_root} not found: pass --data-root")
+    if args.prior is None:
+        from ldir_pl.priors import packaged_prior
+
+        args.prior = str(packaged_prior("ct256"))
     if not (Path(args.prior) / "ldir_prior.json").exists():
         sys.exit(f"{args.prior} is not a prior bundle (no ldir_prior.json): train one with ldir-train")
     cmd = [
-        sys.executable, "-m", "ldir_pl.reconstruct", "-m",
+        sys.executable, "-m", "ldir_pl.apps.reconstruct", "-m",
         f"hydra.sweep.dir={out}", f"output_dir={out}",
         "data=dicom", f"data.root={args.data_root}", f"data.predict_split={args.split}",
         f"data.max_images={'null' if args.max_images is None else args.max_images}",

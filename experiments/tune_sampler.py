@@ -26,7 +26,7 @@ def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from ldir_pl.conf_dir import CONF_DIR
+    from ldir_pl.apps.conf_dir import CONF_DIR
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         return hydra_compose("reconstruct", overrides=overrides)
@@ -34,7 +34,7 @@ def compose(overrides: list[str]):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prior", required=True)
+    ap.add_argument("--prior", default=None, help="prior bundle (default: the packaged one)")
     ap.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data" / "ct-dicom"))
     ap.add_argument("--views", type=int, nargs="+", default=[23])
     ap.add_argument("--max-images", type=int, default=6)
@@ -46,15 +46,15 @@ def main() -> None:
     import torch
     from hydra.utils import instantiate
 
+    from ldir_pl.apps.sampler_configs import load_sampler
     from ldir_pl.metrics import image_metrics
-    from ldir_pl.sampling.pinv import PseudoInverse
-    from ldir_pl.sampling.tv import TVReconstructor
 
     candidates = args.candidate if args.candidate is not None else [""]
     results = []
     for views in args.views:
         base = ["data=dicom", f"data.root={args.data_root}", "data.predict_split=val",
-                f"data.max_images={args.max_images}", f"physics.num_views={views}", f"prior.path={args.prior}"]
+                f"data.max_images={args.max_images}", f"physics.num_views={views}",
+                *([f"prior.path={args.prior}"] if args.prior else [])]
         cfg = compose(base + ["sampler=fbp"])
         physics = instantiate(cfg.physics)
         dm = instantiate(cfg.data)
@@ -63,7 +63,7 @@ def main() -> None:
         x = torch.stack([load() for _, load in items])
         y = physics.measure(x, ids)
         ref = {}
-        for method in (PseudoInverse("fbp"), TVReconstructor()):
+        for method in (load_sampler("fbp"), load_sampler("tv", overrides=[f"physics.num_views={views}"])):
             m = image_metrics(method.reconstruct(y, physics, ids), x)
             ref[method.name] = {k: float(v.mean()) for k, v in m.items()}
             print(f"V={views} n={len(ids)} {method.name}: {ref[method.name]['psnr']:.2f} / "

@@ -8,7 +8,8 @@ SHARED_DICOM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / 
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS for bit-identical GPU tests
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# OMP_NUM_THREADS=1 when the suite shares the machine with a training run
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
 
 
 @pytest.fixture(autouse=True)
@@ -44,7 +45,7 @@ def ct_physics():
 @pytest.fixture
 def tiny_train_config(tmp_path):
     """The training config at test sizes (``debug=tiny``) writing under ``tmp_path``."""
-    from ldir_pl.train import compose_config
+    from ldir_pl.apps.train import compose_config
 
     return compose_config(["experiment=demo", "debug=tiny", "logger=none", f"output_dir={tmp_path / 'out'}"])
 

@@ -1,5 +1,6 @@
-"""BatchSizeLRSearch: choice vs brute force and vs Lightning's BatchSizeFinder, state restore, lr rules,
-OOM handling, noise scale, and (slow) a 2-process DDP run agreeing on the decision."""
+"""BatchSizeLRSearch: the pure search strategy, choice vs brute force and vs Lightning's BatchSizeFinder,
+state restore, lr rules and rescaled schedulers, logging during trials, OOM handling, noise scale, and
+(slow) a 2-process DDP run agreeing on the decision."""
 
 from __future__ import annotations
 
@@ -14,14 +15,15 @@ from pytorch_lightning.callbacks import BatchSizeFinder
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import callbacks.trial_runner as trial_runner
 from callbacks import BatchSizeLRSearch, SwapOutCallback
-from callbacks.batch_size_lr_search import Trial, choose_batch
-from callbacks.lr_scaling import scale_lr, warmup_factor
+from callbacks.lr_scaling import rescale_lrs, scale_lr
 from callbacks.noise_scale import NoiseScaleEstimator, noise_scale_terms, split_batch
+from callbacks.throughput_search import ThroughputSearch, Trial, cap_at_critical_batch, choose_batch
 
 
 class SimulatedClock:
-    """Stands in for ``time`` inside the callback: trials time the simulated device, not this machine,
+    """Stands in for ``time`` inside the trial runner: trials time the simulated device, not this machine,
     so the choice is deterministic however loaded the CPU is. (ddp_spawn workers keep the real clock
     and really sleep.)"""
 
@@ -34,9 +36,7 @@ class SimulatedClock:
 
 @pytest.fixture(autouse=True)
 def _simulated_clock(monkeypatch):
-    import callbacks.batch_size_lr_search as search_module
-
-    monkeypatch.setattr(search_module, "time", SimulatedClock)
+    monkeypatch.setattr(trial_runner, "time", SimulatedClock)
     SimulatedClock.now = 0.0
 
 
@@ -66,31 +66,37 @@ class Data(pl.LightningDataModule):
 
 
 class Model(pl.LightningModule):
-    def __init__(self, lr: float = 0.01, oom_above: int | None = None, sleep: bool = True, adam: bool = True) -> None:
+    def __init__(
+        self, lr: float = 0.01, oom_above: int | None = None, sleep: bool = True, adam: bool = True, warmup_steps: int = 0
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.lr = lr
         self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+        self.steps_run = 0
 
     def training_step(self, batch, batch_idx):
         x, y = batch
         b = x.shape[0]
         if self.hparams.oom_above is not None and b > self.hparams.oom_above:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
-        import callbacks.batch_size_lr_search as search_module
-
-        if search_module.time is SimulatedClock:
+        if trial_runner.time is SimulatedClock:
             SimulatedClock.now += step_seconds(b)
         elif self.hparams.sleep:
             time.sleep(step_seconds(b))
         loss = nn.functional.mse_loss(self.net(x), y)
-        self.log("loss", loss)
+        self.steps_run += 1
+        self.log("loss", loss)  # during trials too: a real result collection, not a patched-out log
+        self.log("steps", 1.0, on_step=False, on_epoch=True, reduce_fx="sum")
         return loss
 
     def configure_optimizers(self):
-        if self.hparams.adam:
-            return torch.optim.Adam(self.parameters(), lr=self.lr)
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
+        opt = (torch.optim.Adam if self.hparams.adam else torch.optim.SGD)(self.parameters(), lr=self.lr)
+        if not self.hparams.warmup_steps:
+            return opt
+        warm = self.hparams.warmup_steps  # the module's own (and only) warm-up
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 class Probe(pl.Callback):
@@ -130,14 +136,123 @@ def measured(trials: list[Trial]) -> dict[int, float]:
     return {t.batch: t.throughput for t in trials if t.status == "ok"}
 
 
-def test_lr_rules_and_warmup():
+def test_lr_rules():
     assert scale_lr(0.1, 256, 1024, "linear") == pytest.approx(0.4)
     assert scale_lr(1e-4, 32, 128, "sqrt") == pytest.approx(2e-4)
     assert scale_lr(0.1, 8, 64, "none") == 0.1
     with pytest.raises(ValueError):
         scale_lr(0.1, 8, 64, "cubic")
-    assert [warmup_factor(s, 4) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
-    assert warmup_factor(0, 0) == 1.0
+    with pytest.raises(TypeError):  # one warm-up: the module's scheduler's, not the search's
+        BatchSizeLRSearch(warmup_steps=10)
+
+
+def _two_groups(lr: float) -> torch.optim.Optimizer:
+    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    return torch.optim.SGD([{"params": [a]}, {"params": [b], "lr": 2 * lr}], lr=lr)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / 4)),  # warm-up, from base_lrs
+        lambda o: torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.5),  # chainable, from the groups' lr
+        lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=10),
+    ],
+    ids=["lambda", "exponential", "cosine"],
+)
+def test_rescaled_scheduler_next_lr(make):
+    """After rescaling mid-schedule, the scheduler's next lrs are the unscaled ones x the factor, group
+    ratios kept, and ``get_last_lr()`` agrees with the param groups again after its next step."""
+    ref_opt, opt = _two_groups(0.1), _two_groups(0.1)
+    ref, sched = make(ref_opt), make(opt)
+    for o, s in ((ref_opt, ref), (opt, sched)):
+        o.step()
+        s.step()
+    rescale_lrs([opt], [sched], 0.3)  # base 0.1 -> 0.3: factor 3
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([3 * g["lr"] for g in ref_opt.param_groups])
+    for _ in range(3):
+        for o, s in ((ref_opt, ref), (opt, sched)):
+            o.step()
+            s.step()
+        assert sched.get_last_lr() == pytest.approx([3 * lr for lr in ref.get_last_lr()])
+        assert sched.get_last_lr() == pytest.approx([g["lr"] for g in opt.param_groups])
+    assert sched.base_lrs == pytest.approx([0.3, 0.6])
+
+
+# ------------------------------------------------------------------------- pure search strategy
+def fake_measure(curve, fail_above: int, log: list[int]):
+    """``measure`` for a made-up device: samples/s from ``curve``, OOM above ``fail_above``."""
+
+    def measure(b: int) -> Trial:
+        log.append(b)
+        if b > fail_above:
+            return Trial(b, 0.0, math.inf, 0, "oom")
+        thr = curve(b)
+        return Trial(b, thr, b / thr, b, "ok")
+
+    return measure
+
+
+def plateau(b: int) -> float:
+    return 100.0 * min(b, 16)  # samples/s rise until 16 saturate the device, then stay flat
+
+
+def test_search_strategy_doubling_refinement_confirmation():
+    log: list[int] = []
+    trials = ThroughputSearch(max_batch=4096, max_trials=12, refine_steps=2, tolerance=0.05, confirm_top=3).run(
+        fake_measure(plateau, 64, log), start=2
+    )
+    assert [t.batch for t in trials] == log
+    # doubling up to the OOM at 128; chosen 16 (start of the plateau): two midpoints below it, each
+    # slower; then the 3 fastest (16, 32, 64: a tie, first measured first) timed again
+    assert log == [2, 4, 8, 16, 32, 64, 128, 12, 14, 16, 32, 64]
+    assert trials[6].status == "oom"
+    assert choose_batch(trials, 0.05).batch == 16
+
+
+def test_search_strategy_halves_when_first_batch_fails_and_respects_world():
+    log: list[int] = []
+    trials = ThroughputSearch(refine_steps=0, confirm_top=0).run(fake_measure(plateau, 6, log), start=32, world=2)
+    assert log == [32, 16, 8, 4]  # halved (multiples of the world size) until one fits
+    assert choose_batch(trials, 0.0).batch == 4
+    assert all(b % 2 == 0 for b in log)
+
+
+def test_search_strategy_rising_throughput_probes_upwards_and_caps():
+    log: list[int] = []
+    trials = ThroughputSearch(refine_steps=1, confirm_top=0).run(fake_measure(lambda b: b, 40, log), start=8)
+    assert log == [8, 16, 32, 64, 48]  # still rising at the largest fitting batch: midpoint towards the OOM
+    chosen = choose_batch(trials, 0.0)
+    assert chosen.batch == 32
+    assert cap_at_critical_batch(chosen, trials, 20.0).batch == 16  # largest measured batch <= critical
+    assert cap_at_critical_batch(chosen, trials, 4.0).batch == 8  # none fits: the smallest measured
+    assert cap_at_critical_batch(chosen, trials, math.inf) is chosen
+    assert cap_at_critical_batch(chosen, trials, math.nan) is chosen
+
+
+def test_search_strategy_max_trials_and_candidates():
+    log: list[int] = []
+    ThroughputSearch(max_trials=3, refine_steps=2, confirm_top=0).run(fake_measure(plateau, 10**6, log), start=1)
+    assert log == [1, 2, 4]
+    got = ThroughputSearch().run_candidates(fake_measure(plateau, 16, []), [3, 8, 40], world=2)
+    assert [(t.batch, t.status) for t in got] == [(4, "ok"), (8, "ok"), (40, "oom")]
+
+
+def test_callback_decision_is_the_strategys_on_the_same_measurements():
+    """Replaying the callback's measurements through the pure strategy asks for the same batches and
+    reaches the same choice: the callback adds nothing to the decision."""
+    search = BatchSizeLRSearch(init_batch=2, tolerance=0.05, trial_steps=2)
+    run(search, Model(oom_above=64), Data(batch_size=8), steps=1)
+    replay = iter(search.trials)
+    asked: list[int] = []
+
+    def measure(b: int) -> Trial:
+        asked.append(b)
+        return next(replay)
+
+    trials = ThroughputSearch(tolerance=0.05).run(measure, start=2)
+    assert asked == [t.batch for t in search.trials]
+    assert choose_batch(trials, 0.05).batch == search.result["batch_size"]
 
 
 def test_noise_scale_terms_exact_and_split():
@@ -204,21 +319,40 @@ def test_vs_lightning_batch_size_finder(tmp_path):
     assert thr[b] >= 0.85 * thr[64]  # ... at (nearly) the same samples/s
 
 
+class FitStartRng(pl.Callback):
+    """Global RNG state in ``on_fit_start``: before the search when placed before it, after it otherwise."""
+
+    def on_fit_start(self, trainer, pl_module):
+        self.rng = torch.get_rng_state()
+
+
 def test_oom_everywhere_above_and_training_continues():
-    search = BatchSizeLRSearch(init_batch=4, tolerance=0.0, trial_steps=2, lr_rule="linear", warmup_steps=3)
-    model = Model(lr=0.1, oom_above=16, sleep=False, adam=False)
+    search = BatchSizeLRSearch(init_batch=4, tolerance=0.0, trial_steps=2, lr_rule="linear")
+    model = Model(lr=0.1, oom_above=16, sleep=False, adam=False, warmup_steps=3)
     dm = Data(batch_size=4)
-    probe = Probe()
-    trainer = run(search, model, dm, steps=5, extra=[probe])
+    probe, before, after = Probe(), FitStartRng(), FitStartRng()
+    trainer = run(None, model, dm, steps=5, extra=[before, search, after, probe])
+    assert torch.equal(before.rng, after.rng)  # trials shuffled data: the RNG is restored all the same
     assert trainer.global_step == 5
     statuses = {t.batch: t.status for t in search.trials}
     assert statuses[32] == "oom" and all(s == "ok" for b, s in statuses.items() if b <= 16)
     b = search.result["batch_size"]
     assert b <= 16
     target = 0.1 * b / 4
-    # linear warmup over 3 steps, then the target lr (restored after each warmed step)
+    # the module's own warm-up over 3 steps, ramping to the rescaled lr; nothing added on top
     assert probe.lrs[:4] == pytest.approx([target / 3, 2 * target / 3, target, target])
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(target)
+    assert trainer.lr_scheduler_configs[0].scheduler.get_last_lr() == pytest.approx([target])
+
+
+def test_training_step_logs_during_trials_without_leaking():
+    """``self.log`` in ``training_step`` runs for real during trials, and none of it reaches training's
+    metrics: the epoch sum of ``steps`` counts the real steps only."""
+    model = Model(sleep=False)
+    search = BatchSizeLRSearch(init_batch=4, max_batch=16, trial_steps=1, confirm_top=0, refine_steps=0)
+    trainer = run(search, model, Data(batch_size=4), steps=3)
+    assert model.steps_run > 3  # trials ran training_step
+    assert float(trainer.callback_metrics["steps"]) == 3.0
 
 
 def test_critical_batch_cap_and_swap_active():

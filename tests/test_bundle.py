@@ -18,7 +18,7 @@ from ldir_pl.models.vae import build_autoencoder
 
 def parts(latent: bool = True):
     torch.manual_seed(0)
-    vae = build_autoencoder(image_size=32, downsample_factor=4, block_out_channels=[8, 16, 16],
+    vae = build_autoencoder(image_size=32, block_out_channels=[8, 16, 16], latent_channels=4, layers_per_block=1,
                             norm_num_groups=8, mid_block_add_attention=False) if latent else None
     unet = build_unet(8 if latent else 32, 4 if latent else 1, block_out_channels=[16, 32],
                       layers_per_block=1, norm_num_groups=8, attention_levels=[1])
@@ -122,14 +122,14 @@ def test_ldir_sample_writes_a_grid(tmp_path):
     vae, unet, sched = parts()
     prior = save_prior(tmp_path / "prior", vae, unet, sched, {"image_size": 32})
     out = tmp_path / "samples"
-    proc = subprocess.run([sys.executable, "-m", "ldir_pl.sample", f"prior.path={prior}", "num_images=5",
+    proc = subprocess.run([sys.executable, "-m", "ldir_pl.apps.sample", f"prior.path={prior}", "num_images=5",
                            "num_steps=2", f"output_dir={out}"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     samples = np.load(out / "samples.npy")
     assert samples.shape == (5, 32, 32) and np.isfinite(samples).all()
     assert Image.open(out / "samples.png").size == (3 * 34 - 2, 2 * 34 - 2)  # 3 columns x 2 rows, 2 px gaps
     assert str(out / "samples.png") in proc.stdout and (out / ".hydra" / "config.yaml").exists()
-    bad = subprocess.run([sys.executable, "-m", "ldir_pl.sample", f"prior.path={tmp_path / 'nope'}",
+    bad = subprocess.run([sys.executable, "-m", "ldir_pl.apps.sample", f"prior.path={tmp_path / 'nope'}",
                           f"output_dir={tmp_path / 'x'}"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith(f"ldir-sample: error: prior bundle not found: {tmp_path}")

@@ -6,6 +6,7 @@ import pydicom
 import pytest
 import torch
 from pydicom.data import get_testdata_file
+from tiny import NOISE
 
 from ldir_pl.data import (
     DataError,
@@ -63,7 +64,7 @@ def test_dicom_folder_split_by_patient(tmp_path):
     assert len(dm.items("train")) == 3 * len(train)
     batch = next(iter(dm.train_dataloader()))
     assert batch.shape == (4, 1, 32, 32) and 0 <= batch.min() and batch.max() <= 1
-    dm.attach_physics(CTPhysics(num_views=8, image_size=32))
+    dm.attach_physics(CTPhysics(num_views=8, image_size=32, noise=NOISE))
     pb = next(iter(dm.predict_dataloader()))
     assert pb["y"].shape == (4, 1, 8, dm.physics.meas_shape[1]) and len(pb["id"]) == 4
 
@@ -143,7 +144,7 @@ def test_lodopab_reader(tmp_path):
     _lodopab(tmp_path, "test", 2)
     dm = LoDoPaBDataModule(root=str(tmp_path), image_size=64, batch_size=2)
     assert next(iter(dm.train_dataloader())).shape == (2, 1, 64, 64)
-    dm.attach_physics(CTPhysics(num_views=10, image_size=64))
+    dm.attach_physics(CTPhysics(num_views=10, image_size=64, noise=NOISE))
     assert len(next(iter(dm.predict_dataloader()))["id"]) == 2
     with h5py.File(tmp_path / "ground_truth_validation_000.hdf5", "w") as f:
         f["images"] = np.zeros((1, 8, 8))
@@ -152,7 +153,7 @@ def test_lodopab_reader(tmp_path):
 
 
 def test_sinogram_files_checked_against_geometry(tmp_path):
-    p = CTPhysics(num_views=10, image_size=32)
+    p = CTPhysics(num_views=10, image_size=32, noise=NOISE)
     good = tmp_path / "good"
     good.mkdir()
     np.save(good / "scan.npy", np.random.rand(2, *p.meas_shape).astype(np.float32))

@@ -21,7 +21,7 @@ def test_two_process_predict_equals_one_process(tmp_path):
     prior = save_prior(tmp_path / "prior", b.vae, b.unet, b.scheduler,
                        {**b.metadata, "image_size": 32, "scaling_factor": b.scaling_factor})
     common = ["data=phantom", "data.image_size=32", "data.num_test=5", "data.batch_size=2", "physics.num_views=12",
-              "sampler=ldir", "sampler.num_steps=3", "sampler.final_steps=2", "sampler.refine.iters=20",
+              "sampler=ldir", "sampler.num_steps=3", "sampler.guidance.final_steps=2", "tv.max_iterations=20",
               "sampler.progress=false", f"prior.path={prior}", "baselines=[fbp]", "trainer.accelerator=cpu",
               "trainer.enable_progress_bar=false"]
     one, two = tmp_path / "one", tmp_path / "two"

@@ -10,16 +10,16 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from odl.applications import tomo
-from test_vae import TINY, smooth_images
-from tiny import phantom, tiny_latent_bundle
+from test_vae import smooth_images
+from tiny import NOISE, phantom, tiny_latent_bundle, tiny_module
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks import BatchSizeLRSearch, SwapOutCallback
+from ldir_pl.apps.sampler_configs import load_sampler
 from ldir_pl.metrics import image_metrics
 from ldir_pl.physics import CTPhysics, GaussianNoise
 from ldir_pl.physics.ray_transform import RayTransform
-from ldir_pl.sampling import load_sampler
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
@@ -40,7 +40,7 @@ def test_sparse_operator_on_device_matches_odl(device):
     ax, aty = physics.A(x.to(device)).cpu(), physics.A_adjoint(y.to(device)).cpu()
     assert torch.allclose(ax, odl_op(x), rtol=1e-3, atol=1e-3 * float(ax.abs().max()))
     assert torch.allclose(aty, odl_op.adjoint(y), rtol=1e-3, atol=1e-3 * float(aty.abs().max()))
-    cpu = CTPhysics(num_views=30, image_size=64)
+    cpu = CTPhysics(num_views=30, image_size=64, noise=NOISE)
     assert torch.allclose(ax, cpu.A(x), rtol=1e-5, atol=1e-5 * float(ax.abs().max()))
 
 
@@ -49,7 +49,7 @@ def test_ldir_on_device_matches_cpu(device):
     physics = CTPhysics(num_views=8, image_size=32, noise=GaussianNoise(relative=0.01))
     x = phantom(2)
     y = physics.measure(x, [0, 1])
-    args = ["num_steps=4", "final_steps=2", "refine.iters=20", "progress=false"]
+    args = ["num_steps=4", "guidance.final_steps=2", "tv.max_iterations=20", "progress=false"]
     ref = load_sampler("ldir", tiny_latent_bundle(), args).reconstruct(y, physics, [0, 1]).cpu()
     physics.to(device)
     sampler = load_sampler("ldir", tiny_latent_bundle(), args)
@@ -182,16 +182,12 @@ def test_batch_search_recovers_from_oom_on_device(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bf16_training_of_vae_and_unet(device, tmp_path):
-    from ldir_pl.models import LatentDiffusionModule, VAEModule
-
     data = DataLoader(smooth_images(16), batch_size=8)
-    vae = VAEModule(**TINY)
+    vae = tiny_module("vae")
     trainer = _trainer(device, max_steps=3, precision="bf16-mixed", limit_val_batches=0)
     trainer.fit(vae, data)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
-    ldm = LatentDiffusionModule(vae_path=str(vae.export(tmp_path / "vae")), image_size=32,
-                                unet=dict(block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8,
-                                          attention_levels=[1]), scheduler={"num_train_timesteps": 100})
+    ldm = tiny_module("ldm", vae_path=str(vae.export(tmp_path / "vae")), scheduler={"num_train_timesteps": 100})
     trainer = _trainer(device, max_steps=3, precision="bf16-mixed", limit_val_batches=0)
     trainer.fit(ldm, data)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])

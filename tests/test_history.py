@@ -7,7 +7,7 @@ import torch
 
 from ldir_pl.sampling.history import SGD, Adam, Momentum, StepSize
 
-ADAM = (0.9, 0.999, 1e-8, "standard")  # conf/sampler/update/adam.yaml
+ADAM = (0.9, 0.999, 1e-8, "standard")  # conf/sampler/guidance/update/adam.yaml
 
 
 def test_sgd_is_plain_gradient_step():

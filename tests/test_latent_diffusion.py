@@ -6,26 +6,25 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
-from test_vae import TINY, fit, smooth_images
+from test_vae import fit, smooth_images
+from tiny import tiny_module
 
-from ldir_pl.models import LatentDiffusionModule, NaNGuard, NonFiniteLossError, VAEModule
+from ldir_pl.models import LatentDiffusionModule, NaNGuard, NonFiniteLossError
 from ldir_pl.models.ema import EMA
 from ldir_pl.models.schedules import WarmupCosine, make_ddpm_scheduler
-
-UNET = dict(block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8, attention_levels=[1])
 
 
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory):
     pl.seed_everything(0)
-    return VAEModule(**TINY).export(tmp_path_factory.mktemp("vae") / "model")
+    return tiny_module("vae").export(tmp_path_factory.mktemp("vae") / "model")
 
 
 def ldm(vae_dir, **kw) -> LatentDiffusionModule:
-    args = dict(vae_path=str(vae_dir), image_size=32, unet=UNET, scheduler={"num_train_timesteps": 100},
-                lr=2e-3, warmup_steps=2, num_val_samples=2, val_inference_steps=3,
+    args = dict(vae_path=str(vae_dir), scheduler={"num_train_timesteps": 100}, lr=2e-3, warmup_steps=2,
+                num_val_samples=2, val_inference_steps=3,
                 sample_posterior=False)  # the untrained VAE's posterior noise would swamp the structure
-    return LatentDiffusionModule(**{**args, **kw})
+    return tiny_module("ldm", **{**args, **kw})
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v"])

@@ -1,18 +1,18 @@
 """The guided-DDIM sampler (LDIR and its variants) with tiny real diffusers models and a real 32x32 CT physics."""
 
 import json
-import math
 from pathlib import Path
 
 import pytest
 import torch
 from hydra.errors import InstantiationException, MissingConfigException
-from tiny import SIZE, phantom, tiny_latent_bundle
+from tiny import NOISE, SIZE, phantom, tiny_latent_bundle
 
-from ldir_pl.physics import CTPhysics
-from ldir_pl.sampling import GuidedDDIM, PseudoInverse, load_sampler
+from ldir_pl.apps.sampler_configs import load_sampler
+from ldir_pl.physics import CTPhysics, VolumePhysics
+from ldir_pl.sampling import GuidedDDIM, PseudoInverse
 from ldir_pl.sampling.fidelity import DataFidelity
-from ldir_pl.sampling.refine import operator_norm_sq, refine
+from ldir_pl.sampling.refine import AnchoredTV
 from ldir_pl.sampling.tv import TVReconstructor
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -20,26 +20,23 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 BASE = {"num_steps": 4, "lr": 0.05, "refine": "none", "warm_start": None, "final_steps": 0, "progress": False}
 
 
+FLAT = {"lr": "guidance.step_size.lr", "step_schedule": "guidance.step_size.schedule", "grad_wrt": "guidance.wrt",
+        "guidance_every": "guidance.every", "final_steps": "guidance.final_steps", "final_lr": "guidance.final_lr",
+        "warm_start_strength": "init.strength", "clamp_z0": "clip_sample", "tv_iters": "tv.max_iterations"}
+
+
 def make(bundle, name: str = "ldir", **kw) -> GuidedDDIM:
     """``conf/sampler/<name>.yaml`` with the settings as keyword arguments (flat names for nested parts)."""
     overrides = []
     for k, v in {**BASE, **kw}.items():
-        if k == "lr":
-            overrides.append(f"step_size.lr={v}")
-        elif k == "step_schedule":
-            overrides.append(f"step_size.schedule={v}")
-        elif k == "optimizer":
-            overrides.append(f"sampler/update={v}")
+        if k == "optimizer":
+            overrides.append(f"sampler/guidance/update={v}")
         elif k == "refine":
-            overrides.append("refine=null" if v == "none" else f"refine.method={v}")
-        elif k == "refine_iters":
-            overrides.append(f"refine.iters={v}")
+            overrides.append("refine=null" if v == "none" else "tv.max_iterations=20")
         elif k == "warm_start":
-            overrides.append("init=null" if v is None else f"init.source={v}")
-        elif k == "warm_start_strength":
-            overrides.append(f"init.strength={v}")
+            overrides.append("init=null" if v is None else ("init.source=${tv}" if v == "tv" else "init.strength=0.3"))
         else:
-            overrides.append(f"{k}={'null' if v is None else v}")
+            overrides.append(f"{FLAT.get(k, k)}={'null' if v is None else v}")
     return load_sampler(name, prior=bundle, overrides=overrides)
 
 
@@ -76,10 +73,10 @@ def test_runs_with_grad_under_inference_mode(latent_bundle, ct_physics):
     x = phantom(2)
     with torch.inference_mode():
         y = ct_physics.measure(x, [0, 1])
-        out = make(latent_bundle, refine="cg", refine_iters=3).reconstruct(y, ct_physics, [0, 1])
+        out = make(latent_bundle, refine="tv").reconstruct(y, ct_physics, [0, 1])
     assert torch.isfinite(out).all()
     with torch.no_grad():
-        out2 = make(latent_bundle, refine="cg", refine_iters=3).reconstruct(y, ct_physics, [0, 1])
+        out2 = make(latent_bundle, refine="tv").reconstruct(y, ct_physics, [0, 1])
     assert torch.allclose(out, out2)
 
 
@@ -122,7 +119,7 @@ def test_v_prediction_and_clamp(ct_physics):
 
 
 def test_clear_errors(latent_bundle, ct_physics, tmp_path):
-    big = CTPhysics(kind="parallel", num_views=8, image_size=2 * SIZE)
+    big = CTPhysics(kind="parallel", num_views=8, image_size=2 * SIZE, noise=NOISE)
     y = big.measure(phantom(1, 2 * SIZE), [0])
     with pytest.raises(ValueError, match=r"32x32.*64x64"):
         make(latent_bundle).reconstruct(y, big, [0])
@@ -149,22 +146,6 @@ def test_fidelity_norms():
         DataFidelity(3)
 
 
-def test_refine_reduces_residual_and_prox_limits_change(ct_physics):
-    x = phantom(2)
-    y = ct_physics.measure(x, [0, 1])
-    x0 = torch.full_like(x, 0.2)
-    assert operator_norm_sq(ct_physics) > 0
-    for method in ("cg", "gd"):
-        out = refine(x0, y, ct_physics, method=method, iters=10)
-        assert out.min() >= 0 and out.max() <= 1
-        before = (ct_physics.A(x0) - y).norm()
-        assert (ct_physics.A(out) - y).norm() < 0.5 * before
-    near = refine(x0, y, ct_physics, method="cg", iters=10, lam_rel=100.0)
-    far = refine(x0, y, ct_physics, method="cg", iters=10, lam_rel=0.0)
-    assert (near - x0).norm() < 0.1 * (far - x0).norm()
-    assert torch.equal(refine(x0, y, ct_physics, method="none"), x0)
-
-
 def test_saved_bundle_and_hydra_configs(latent_bundle, ct_physics, tmp_path):
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
@@ -176,66 +157,82 @@ def test_saved_bundle_and_hydra_configs(latent_bundle, ct_physics, tmp_path):
     assert json.loads((path / "ldir_prior.json").read_text())["kind"] == "latent"
     y = ct_physics.measure(phantom(1), [0])
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        for name, expect in [("ldir", ("Adam", "zt", 1, "pinv")), ("latent_dps", ("SGD", "zt", 1, "pinv")),
-                             ("ldir_z0", ("Adam", "z0", 1, "pinv")), ("ldir_mean", ("Adam", "zt", 4, "pinv")),
+        for name, expect in [("ldir", ("Adam", "zt", 1, "fbp")), ("latent_dps", ("SGD", "zt", 1, "fbp")),
+                             ("ldir_z0", ("Adam", "z0", 1, "fbp")), ("ldir_mean", ("Adam", "zt", 4, "fbp")),
                              ("ldir_tv", ("Adam", "zt", 1, "tv")), ("ldir_paper", ("Adam", "zt", 1, None))]:
-            cfg = compose(overrides=[f"+sampler={name}", f"+prior.path={path}", "+seed=3", "sampler.final_steps=2",
-                                     "sampler.num_steps=2", "sampler.progress=false"])
+            cfg = compose("reconstruct", overrides=[f"sampler={name}", f"prior.path={path}", "seed=3",
+                                                    "sampler.guidance.final_steps=2", "sampler.num_steps=2",
+                                                    "sampler.progress=false", "data.image_size=32"])
             s = instantiate(cfg.sampler)
             assert isinstance(s, GuidedDDIM) and s.name == name and s.seed == 3
-            source = None if s.init is None else s.init.source
-            assert (type(s.update).__name__, s.grad_wrt, s.num_samples, source) == expect
+            source = None if s.init is None else s.init.source.name
+            assert (type(s.guidance.update).__name__, s.guidance.wrt, s.num_samples, source) == expect
             out = s.reconstruct(y, ct_physics, [0])
             assert out.shape == (1, 1, SIZE, SIZE) and torch.isfinite(out).all()
 
 
-def test_warm_start_from_fbp_and_final_iterations(latent_bundle, ct_physics):
+def _unet_inputs(sampler):
+    """Record (z, t) of every UNet call."""
+    seen = []
+    handle = sampler.prior.unet.register_forward_pre_hook(lambda m, args: seen.append((args[0].detach().clone(),
+                                                                                       int(args[1]))))
+    return seen, handle
+
+
+def test_warm_start_plan_is_img2img_slicing_and_final_iterations(latent_bundle, ct_physics):
+    from diffusers import DDIMScheduler
+
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
         x = (latent_bundle.vae.decode(6 * torch.randn(2, *latent_bundle.latent_shape, generator=gen)).sample + 1) / 2
     y = ct_physics.measure(x, [0, 1])
     fid = DataFidelity(2, squared=True)
-    # warm start: sampling begins at strength * T from the encoded FBP image, with num_steps steps
-    seen = []
     s = make(latent_bundle, warm_start="pinv", warm_start_strength=0.4, num_steps=4, grad_wrt="z0")
-    orig = s._predict
-    s._predict = lambda z, t, a: (seen.append(t), orig(z, t, a))[1]
-    out = s.reconstruct(y, ct_physics, [0, 1])
-    assert len(seen) == 4 and seen[0] == round(0.4 * 999) and seen == sorted(seen, reverse=True)
-    assert torch.isfinite(out).all()
+    # the plan: the last num_steps steps of a num_steps / strength = 10-step DDIM plan (diffusers' img2img)
+    ref = DDIMScheduler.from_config(latent_bundle.scheduler.config, timestep_spacing="trailing")
+    ref.set_timesteps(10)
+    plan = ref.timesteps[6:]
+    assert s.timesteps().tolist() == plan.tolist()
+    seen, handle = _unet_inputs(s)
+    try:
+        out = s.reconstruct(y, ct_physics, [0, 1])
+    finally:
+        handle.remove()
+    assert [t for _, t in seen] == plan.tolist() and torch.isfinite(out).all()
+    # the first latent is the encoded FBP image noised to the plan's first timestep by the scheduler
+    noise, _ = s.initial_noise([0, 1])
+    fbp = PseudoInverse("fbp").reconstruct(y, ct_physics, [0, 1])
+    with torch.no_grad():
+        want = ref.add_noise(latent_bundle.encode(fbp), noise, plan[:1])
+    assert torch.allclose(seen[0][0], want, atol=1e-5)
+    # without a warm start the plan is the scheduler's own from T
+    ref.set_timesteps(5)
+    assert make(latent_bundle, num_steps=5).timesteps().tolist() == ref.timesteps.tolist()
     # final iterations: history-gradient steps on the clean latent after DDIM lower the misfit further
     base = make(latent_bundle, lr=1.0, num_steps=4, grad_wrt="z0")
     more = make(latent_bundle, lr=1.0, num_steps=4, grad_wrt="z0", final_steps=6, final_lr=0.3)
     r0, r1 = base.reconstruct(y, ct_physics, [0, 1]), more.reconstruct(y, ct_physics, [0, 1])
-    assert len(more.last_losses) == 4 + 6
+    assert len(more.sample(y, ct_physics, [0, 1]).losses) == 4 + 6
     assert (fid(y, ct_physics.A(r1)) < fid(y, ct_physics.A(r0))).all()
-    with pytest.raises((ValueError, InstantiationException), match="init.source='art'"):
-        make(latent_bundle, warm_start="art")
     with pytest.raises((ValueError, InstantiationException), match="init.strength=0.0"):
         make(latent_bundle, warm_start="pinv", warm_start_strength=0.0)
     with pytest.raises((ValueError, InstantiationException), match="final_steps=-1"):
         make(latent_bundle, final_steps=-1)
 
 
-def test_warm_start_from_tv_encodes_the_tv_image_once_per_measurement(latent_bundle, ct_physics):
+def test_warm_start_from_tv_runs_tv_once_per_measurement(latent_bundle, ct_physics):
     x = phantom(2)
     y = ct_physics.measure(x, [0, 1])
     s = make(latent_bundle, warm_start="tv", warm_start_strength=0.05, num_steps=2, grad_wrt="z0", num_samples=2)
-    tv, fbp = TVReconstructor().reconstruct(y, ct_physics, [0, 1]), PseudoInverse("pinv").reconstruct(y, ct_physics, [0, 1])
+    assert isinstance(s.init.source, TVReconstructor)
+    tv, fbp = s.init.source.reconstruct(y, ct_physics), PseudoInverse("pinv").reconstruct(y, ct_physics, [0, 1])
     assert torch.allclose(s.init.image(y, ct_physics, [0, 1]), tv, atol=1e-6)
     assert (tv - fbp).abs().max() > 1e-2
-    # the sampler starts from sqrt(a0) E(x_tv) + sqrt(1 - a0) n, with the TV image computed once per measurement
-    calls, starts = [], []
-    orig_recon, orig_predict = s.init._recon.reconstruct, s._predict
-    s.init._recon.reconstruct = lambda *a: (calls.append(a[0].shape[0]), orig_recon(*a))[1]
-    s._predict = lambda z, t, a: (starts.append((z.detach().clone(), a)) if not starts else None, orig_predict(z, t, a))[1]
-    out = s.reconstruct(y, ct_physics, [0, 1])
-    assert calls == [2] and torch.isfinite(out).all()
-    z_start, a0 = starts[0]
-    noise, _ = s.initial_noise([s.sample_id(i, k) for i in (0, 1) for k in range(2)])
-    with torch.no_grad():
-        want = math.sqrt(a0) * s.encode(tv.repeat_interleave(2, dim=0)) + math.sqrt(1 - a0) * noise
-    assert torch.allclose(z_start, want, atol=1e-5)
+    calls = []
+    orig = s.init.source.reconstruct
+    s.init.source.reconstruct = lambda *a: (calls.append(a[0].shape[0]), orig(*a))[1]
+    assert torch.isfinite(s.reconstruct(y, ct_physics, [0, 1])).all()
+    assert calls == [2]  # one TV image per measurement, shared by its 2 samples
 
 
 def test_num_samples_averages_seeded_samples_in_chunks(latent_bundle, ct_physics):
@@ -245,7 +242,7 @@ def test_num_samples_averages_seeded_samples_in_chunks(latent_bundle, ct_physics
     s = make(latent_bundle, num_samples=3)
     avg = s.reconstruct(y, ct_physics, ids)
     with torch.enable_grad():
-        singles = torch.stack([s._sample(y, ct_physics, [s.sample_id(i, k) for i in ids], None) for k in range(3)])
+        singles = torch.stack([s._sample(y, ct_physics, [s.sample_id(i, k) for i in ids], None)[0] for k in range(3)])
     assert not torch.allclose(singles[0], singles[1])  # different noise per sample
     assert torch.allclose(avg, singles.mean(0).clamp(0, 1), atol=1e-5)
     # sample 0 carries the image's own seed: K = 1 is the single-sample sampler
@@ -261,42 +258,16 @@ def test_tv_refinement_is_anchored_tv(ct_physics):
     x = phantom(2)
     y = ct_physics.measure(x, [0, 1])
     anchor = (x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
-    tv = TVReconstructor(weight=3e-5, iterations=60)
-    # no anchor weight: the TV problem itself, started from the given image
-    free = refine(anchor, y, ct_physics, method="tv", iters=60, lam_rel=0.0, tv_weight=3e-5)
-    assert torch.allclose(free, tv._torch(y, anchor, ct_physics).clamp(0, 1), atol=1e-6)
-    # a heavy anchor keeps the image; a light one moves it towards the data
-    held = refine(anchor, y, ct_physics, method="tv", iters=60, lam_rel=1e3)
+    tv = TVReconstructor(weight=3e-5, max_iterations=3000, tol=1e-6)
+    # no pull: the TV problem itself, so from the anchor PDHG reaches the TV baseline's minimiser
+    free = AnchoredTV(tv, lam=0.0)(anchor, y, ct_physics)
+    assert (free - tv.reconstruct(y, ct_physics)).abs().max() < 2e-3
+    # a heavy pull keeps the image; a light one moves it towards the data
+    held = AnchoredTV(tv, lam=1e3)(anchor, y, ct_physics)
     assert (held - anchor).abs().max() < 1e-2
-    res = {lam: float((ct_physics.A(refine(anchor, y, ct_physics, method="tv", iters=60, lam_rel=lam)) - y).norm())
-           for lam in (0.0, 0.05, 1e3)}
+    res = {lam: float((ct_physics.A(AnchoredTV(tv, lam)(anchor, y, ct_physics)) - y).norm()) for lam in (0.0, 0.05, 1e3)}
     assert res[0.0] < res[0.05] < res[1e3]
     assert free.min() >= 0 and free.max() <= 1
-
-
-@pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_ddim_step_is_diffusers_step_and_why_the_loop_keeps_its_own(latent_bundle, eta):
-    """On a scheduler's own timesteps ``ddim_step`` is ``DDIMScheduler.step``; a warm start samples from t0 < T,
-    where ``step()`` would go to t - T / num_steps instead of the schedule's next timestep."""
-    from diffusers import DDIMScheduler
-
-    from ldir_pl.sampling.guided_ddim import ddim_sigma, ddim_step
-
-    sched = DDIMScheduler.from_config(latent_bundle.scheduler.config, clip_sample=False, timestep_spacing="trailing")
-    sched.set_timesteps(10)
-    ts = [int(t) for t in sched.timesteps]
-    gen = torch.Generator().manual_seed(0)
-    z, eps, noise = (torch.randn(2, 4, 16, 16, generator=gen) for _ in range(3))
-    for i, t in enumerate(ts[:-1]):
-        a_t, a_prev = (float(sched.alphas_cumprod[s]) for s in (t, ts[i + 1]))
-        z0 = (z - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
-        ref = sched.step(eps, t, z, eta=eta, variance_noise=noise)
-        sigma = ddim_sigma(eta, a_t, a_prev)
-        assert torch.allclose(ddim_step(z0, eps, a_prev, sigma, noise), ref.prev_sample, atol=1e-5)
-        assert torch.allclose(z0, ref.pred_original_sample, rtol=1e-5, atol=1e-4)
-    s = make(latent_bundle, warm_start="pinv", warm_start_strength=0.3, num_steps=10)
-    warm = s.timesteps()
-    assert warm[0] == round(0.3 * 999) and warm[1] != warm[0] - 1000 // 10  # step() would jump past t0's grid
 
 
 def _target_defaults(node) -> list[tuple[str, str, object, object]]:
@@ -327,11 +298,13 @@ def test_every_sampler_config_builds_and_python_defaults_equal_the_yaml(name, la
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         cfg = compose("reconstruct", [f"sampler={name}"])
     text = (CONF / "sampler" / f"{name}.yaml").read_text()
-    if "defaults:\n  - update" in text or "defaults:" not in text:  # a root config: where defaults live
+    if "defaults:\n  - guidance/update" in text or "defaults:" not in text:  # a root config: where defaults live
         mismatched = [(t, k, v, d) for t, k, v, d in _target_defaults(cfg.sampler) if v != d]
         assert not mismatched, mismatched
     s = load_sampler(name, prior=tiny_pixel_bundle() if name == "pixel_dps" else latent_bundle,
-                     overrides=["num_steps=2", "progress=false"] if "prior" in cfg.sampler else [])
+                     overrides=["tv.max_iterations=20"]
+                     + (["num_steps=2", "progress=false"] if "prior" in cfg.sampler else []))
     assert s.name == cfg.sampler.get("name", name)
-    y = ct_physics.measure(phantom(1), [0])
-    assert s.reconstruct(y, ct_physics, [0]).shape == (1, 1, SIZE, SIZE)
+    volume = VolumePhysics(ct_physics, z_ratio=0.5)  # a 2-slice volume: slice-wise methods run on it unchanged
+    y = volume.measure(phantom(2), ["v/0", "v/1"])
+    assert s.reconstruct(y, volume, ["v/0", "v/1"]).shape == (2, 1, SIZE, SIZE)

@@ -9,9 +9,9 @@ import torch
 from hydra.utils import instantiate
 from test_data import _write_dicom
 
+from ldir_pl.apps.train import compose_config
 from ldir_pl.data import DataError, DicomDataModule, MixDataModule, NiftiDataModule
 from ldir_pl.data.transforms import hu_to_unit, resize_area
-from ldir_pl.train import compose_config
 
 
 def _volume(seed: int, size: int = 32, slices: int = 3) -> np.ndarray:
@@ -84,8 +84,9 @@ def _sources(tmp_path: Path) -> tuple[Path, Path]:
     dicom.mkdir(), vols.mkdir()
     for k in range(10):
         _write_dicom(dicom / f"s{k}.dcm", patient=f"P{k // 2}", size=32, value=900 + 20 * k)
-    for k in range(3):
-        _write(vols / f"v{k}.nii.gz", _volume(k, slices=4))
+    names = ["v0", "v1", "v2", "rider-pilot_01", "cmb-crc_01", "lung-fused-ct-pathology_01"]  # 3 held out
+    for k, name in enumerate(names):
+        _write(vols / f"{name}.nii.gz", _volume(k, slices=4))
     return dicom, vols
 
 
@@ -96,7 +97,11 @@ def test_mix_trains_on_all_sources_and_evaluates_on_one(tmp_path):
     alone = instantiate(compose_config(["data=dicom", f"data.root={dicom}", "data.image_size=32"]).data)
     assert isinstance(dm, MixDataModule)
     train = [i for i, _ in dm.items("train")]
-    assert sum(i.startswith("volumes:") for i in train) == 12          # every volume trains
+    assert sum(i.startswith("volumes:") for i in train) == 12          # every volume but the held-out ones trains
+    assert not any(h in i for i in train for h in ("rider-pilot", "cmb-crc", "lung-fused"))
+    volumes = instantiate(compose_config(["data=ct_volumes", f"paths.data_dir={tmp_path}", "data.image_size=32"]).data)
+    assert {i.split("/")[0] for i, _ in volumes.items("test")} == {"rider-pilot_01", "cmb-crc_01"}
+    assert {i.split("/")[0] for i, _ in volumes.items("val")} == {"lung-fused-ct-pathology_01"}
     assert {i for i in train if i.startswith("dicom:")} == {f"dicom:{i}" for i, _ in alone.items("train")}
     for split in ("val", "test"):
         assert [i for i, _ in dm.items(split)] == [i for i, _ in alone.items(split)]

@@ -5,23 +5,24 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from tiny import NOISE
 
-from ldir_pl.conf_dir import CONF_DIR
+from ldir_pl.apps.conf_dir import CONF_DIR
 from ldir_pl.physics import Blur, CTPhysics, Inpainting, LinearPhysics, SuperResolution
 
 N = 32
 OPERATORS = {
-    "ct-parallel-sparse": lambda: CTPhysics(num_views=12, image_size=N),
-    "ct-parallel-odl": lambda: CTPhysics(num_views=12, image_size=N, backend="odl"),
-    "ct-fan": lambda: CTPhysics(kind="fan", num_views=16, image_size=N),
-    "ct-limited-angle": lambda: CTPhysics(num_views=20, angle_range_deg=(0, 120), image_size=N),
-    "blur-gaussian-circular": lambda: Blur(image_size=N, sigma=1.5),
+    "ct-parallel-sparse": lambda: CTPhysics(num_views=12, image_size=N, noise=NOISE),
+    "ct-parallel-odl": lambda: CTPhysics(num_views=12, image_size=N, backend="odl", noise=NOISE),
+    "ct-fan": lambda: CTPhysics(kind="fan", num_views=16, image_size=N, noise=NOISE),
+    "ct-limited-angle": lambda: CTPhysics(num_views=20, angle_range_deg=(0, 120), image_size=N, noise=NOISE),
+    "blur-gaussian-circular": lambda: Blur(image_size=N, sigma=1.5, noise=NOISE),
     "blur-kernel-zero": lambda: Blur(image_size=N, kernel=[[0, 0.2, 0], [0.1, 0.4, 0.1], [0, 0.2, 0]],
-                                     boundary="zero"),
-    "inpainting-random": lambda: Inpainting(image_size=N, missing=0.5),
-    "inpainting-box": lambda: Inpainting(image_size=N, mask="box", missing=0.25),
-    "superres-2": lambda: SuperResolution(image_size=N, factor=2),
-    "superres-4": lambda: SuperResolution(image_size=N, factor=4),
+                                     boundary="zero", noise=NOISE),
+    "inpainting-random": lambda: Inpainting(image_size=N, missing=0.5, noise=NOISE),
+    "inpainting-box": lambda: Inpainting(image_size=N, mask="box", missing=0.25, noise=NOISE),
+    "superres-2": lambda: SuperResolution(image_size=N, factor=2, noise=NOISE),
+    "superres-4": lambda: SuperResolution(image_size=N, factor=4, noise=NOISE),
 }
 
 
@@ -102,10 +103,10 @@ def test_every_physics_config_builds(name):
 
 def test_operator_settings_are_checked():
     with pytest.raises(ValueError, match="boundary='mirror'"):
-        Blur(image_size=N, boundary="mirror")
+        Blur(image_size=N, boundary="mirror", noise=NOISE)
     with pytest.raises(ValueError, match="odd sides"):
-        Blur(image_size=N, kernel=[[0.5, 0.5]])
+        Blur(image_size=N, kernel=[[0.5, 0.5]], noise=NOISE)
     with pytest.raises(ValueError, match="factor=3"):
-        SuperResolution(image_size=N, factor=3)
+        SuperResolution(image_size=N, factor=3, noise=NOISE)
     with pytest.raises(ValueError, match="missing=1.0"):
-        Inpainting(image_size=N, missing=1.0)
+        Inpainting(image_size=N, missing=1.0, noise=NOISE)

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from tiny import NOISE
 
 from ldir_pl.physics import CTGeometry, CTPhysics, GaussianNoise, PoissonNoise, RayTransform
 from ldir_pl.physics.system_matrix import load_system_matrix
@@ -41,7 +42,7 @@ def test_backends_agree(geom):
 
 def test_odl_reference_is_unchanged_astra_forward():
     """The sparse matrix is ODL's operator: forward of a phantom equals ODL's own call."""
-    g = CTGeometry(num_views=17, image_size=32)
+    g = CTGeometry(kind="parallel", num_views=17, image_size=32)
     odl_op = g.odl_ray_transform()
     x = np.random.default_rng(0).random((32, 32)).astype(np.float32)
     ref = odl_op(odl_op.domain.element(x)).data
@@ -51,7 +52,7 @@ def test_odl_reference_is_unchanged_astra_forward():
 
 @pytest.mark.parametrize("backend", ["sparse", "odl"])
 def test_gradients_flow_through_both_directions(backend):
-    g = CTGeometry(num_views=8, image_size=32)
+    g = CTGeometry(kind="parallel", num_views=8, image_size=32)
     A = RayTransform(g, backend)
     x = torch.rand(2, 1, 32, 32, requires_grad=True)
     y = torch.rand(2, 1, *g.sino_shape)
@@ -67,7 +68,7 @@ def test_gradients_flow_through_both_directions(backend):
 
 
 def test_matrix_cache_round_trip(tmp_path):
-    g = CTGeometry(num_views=5, image_size=16)
+    g = CTGeometry(kind="parallel", num_views=5, image_size=16)
     first = load_system_matrix(g, tmp_path)
     assert (tmp_path / f"{g.key()}.npz").exists()
     again = load_system_matrix(g, tmp_path)
@@ -82,7 +83,7 @@ def test_geometry_key_distinguishes_settings():
 
 
 def test_shape_mismatch_is_a_clear_error():
-    p = CTPhysics(num_views=10, image_size=32)
+    p = CTPhysics(num_views=10, image_size=32, noise=NOISE)
     with pytest.raises(ValueError, match=r"scan.npy: measurement shape .* does not match the physics.*10 views"):
         p.check(torch.zeros(1, 1, 11, p.meas_shape[1]), source="scan.npy")
     with pytest.raises(ValueError, match="NaN"):
@@ -95,11 +96,11 @@ def test_shape_mismatch_is_a_clear_error():
 
 def test_bad_geometry_settings():
     with pytest.raises(ValueError, match="physics.kind"):
-        CTGeometry(kind="helical")
+        CTGeometry(kind="helical", num_views=8, image_size=32)
     with pytest.raises(ValueError, match="angle_range_deg"):
-        CTGeometry(angle_range_deg=(90, 10))
+        CTGeometry(kind="parallel", num_views=8, image_size=32, angle_range_deg=(90, 10))
     with pytest.raises(ValueError, match="src_radius"):
-        CTGeometry(kind="fan", src_radius=1.0)
+        CTGeometry(kind="fan", num_views=8, image_size=32, src_radius=1.0)
 
 
 def test_gaussian_noise_is_seeded_per_image_and_relative():

@@ -5,16 +5,13 @@ from __future__ import annotations
 import pytorch_lightning as pl
 import torch
 from test_vae import fit
-
-from ldir_pl.models import PixelDDPMModule
+from tiny import tiny_module
 
 
 def test_pixel_ddpm_fit_loss_falls(tmp_path):
     pl.seed_everything(0)
-    module = PixelDDPMModule(image_size=16, unet=dict(block_out_channels=[16, 32], layers_per_block=1,
-                                                      norm_num_groups=8, attention_levels=[1]),
-                             scheduler={"num_train_timesteps": 100, "clip_sample": True}, lr=2e-3,
-                             warmup_steps=2, num_val_samples=2, val_inference_steps=3)
+    module = tiny_module("pixel_ddpm", image_size=16, scheduler={"num_train_timesteps": 100, "clip_sample": True},
+                         lr=2e-3, warmup_steps=2, num_val_samples=2, val_inference_steps=3)
     data = torch.nn.functional.interpolate(torch.rand(32, 1, 4, 4), size=(16, 16), mode="bilinear")
     rec = fit(module, 40, tmp_path, data=data, enable_checkpointing=False)
     first, last = sum(rec.losses[:8]) / 8, sum(rec.losses[-8:]) / 8

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from test_ldir_sampler import make as make_sampler
-from tiny import SIZE
+from tiny import NOISE, SIZE
 
 from ldir_pl.physics import CTPhysics
 from ldir_pl.sampling import GuidedDDIM
@@ -25,7 +25,8 @@ def test_shapes_range_determinism_and_batch_order(pixel_bundle, ct_physics):
     x = disc(2)
     y = ct_physics.measure(x, ["p", "q"])
     s = make(pixel_bundle)
-    assert s.name == "pixel_dps" and type(s.update).__name__ == "SGD" and s.eta == 1.0 and s.clamp_z0 == 1.0
+    assert s.name == "pixel_dps" and type(s.guidance.update).__name__ == "SGD" and s.eta == 1.0
+    assert s.scheduler.config.clip_sample and s.scheduler.config.clip_sample_range == 1.0
     out = s.reconstruct(y, ct_physics, ["p", "q"])
     assert out.shape == x.shape and torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
     assert torch.equal(out, s.reconstruct(y, ct_physics, ["p", "q"]))
@@ -44,7 +45,7 @@ def test_guidance_reduces_misfit_under_inference_mode(pixel_bundle, ct_physics):
 
 
 def test_errors(pixel_bundle, ct_physics):
-    big = CTPhysics(kind="parallel", num_views=8, image_size=2 * SIZE)
+    big = CTPhysics(kind="parallel", num_views=8, image_size=2 * SIZE, noise=NOISE)
     with pytest.raises(ValueError, match=r"32x32.*64x64"):
         make(pixel_bundle).reconstruct(torch.zeros(1, 1, *big.meas_shape), big, [0])
     y = ct_physics.measure(disc(1), [0])

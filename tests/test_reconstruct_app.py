@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _run(args, cwd=ROOT, check=True, env=None):
     env = {**({**os.environ, "OMP_NUM_THREADS": "1"} if env is None else env), "WANDB_MODE": "offline"}
-    proc = subprocess.run([sys.executable, "-m", "ldir_pl.reconstruct", *args], cwd=cwd, env=env,
+    proc = subprocess.run([sys.executable, "-m", "ldir_pl.apps.reconstruct", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(proc.stdout[-3000:] + proc.stderr[-3000:])
@@ -34,7 +34,7 @@ def dicom_dir(tmp_path_factory):
 def test_evaluation_call(sampler, dicom_dir, tmp_path):
     out = tmp_path / "res"
     _run(["data=dicom", f"data.root={dicom_dir}", "physics.num_views=23", "physics.noise.relative=0.01",
-          f"sampler={sampler}", f"output_dir={out}", "data.image_size=64", "sampler.iterations=50"
+          f"sampler={sampler}", f"output_dir={out}", "data.image_size=64", "tv.max_iterations=50"
           if sampler == "tv" else "physics.fbp_filter=Hann"])
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary[sampler]) == {"psnr", "ssim", "seconds_per_image", "peak_mem_mb", "n"}
@@ -108,7 +108,7 @@ def test_wandb_run_holds_panels_and_per_image_table(tmp_path):
 
 @pytest.mark.parametrize("app", ["reconstruct", "train", "sample"])
 def test_help_opens_with_purpose_and_examples(app):
-    proc = subprocess.run([sys.executable, "-m", f"ldir_pl.{app}", "--help"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", f"ldir_pl.apps.{app}", "--help"], capture_output=True, text=True,
                           timeout=120)
     lines = proc.stdout.splitlines()
     assert proc.returncode == 0 and lines[0].startswith(f"ldir-{app}: ")

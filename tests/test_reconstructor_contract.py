@@ -5,25 +5,26 @@
 import pytest
 import pytorch_lightning as pl
 import torch
-from tiny import phantom, tiny_latent_bundle, tiny_pixel_bundle
+from tiny import NOISE, phantom, tiny_latent_bundle, tiny_pixel_bundle
 from torch.utils.data import DataLoader
 
+from ldir_pl.apps.predict_module import LDIRModule
+from ldir_pl.apps.sampler_configs import load_sampler
 from ldir_pl.physics import Blur, CTPhysics, Inpainting, SuperResolution
-from ldir_pl.sampling import PseudoInverse, TVReconstructor, load_sampler
-from ldir_pl.sampling.module import LDIRModule
+from ldir_pl.sampling import PseudoInverse, TVReconstructor
 
 N = 32
 PHYSICS = {
-    "ct": lambda: CTPhysics(num_views=10, image_size=N),
-    "blur": lambda: Blur(image_size=N, sigma=1.0),
-    "inpainting": lambda: Inpainting(image_size=N, missing=0.5),
-    "superres": lambda: SuperResolution(image_size=N, factor=2),
+    "ct": lambda: CTPhysics(num_views=10, image_size=N, noise=NOISE),
+    "blur": lambda: Blur(image_size=N, sigma=1.0, noise=NOISE),
+    "inpainting": lambda: Inpainting(image_size=N, missing=0.5, noise=NOISE),
+    "superres": lambda: SuperResolution(image_size=N, factor=2, noise=NOISE),
 }
 FAST = ["num_steps=3", "progress=false"]
 METHODS = {
     "pinv": lambda: PseudoInverse("pinv"),
-    "tv": lambda: TVReconstructor(iterations=30),
-    "ldir": lambda: load_sampler("ldir", tiny_latent_bundle(N), [*FAST, "final_steps=2", "refine.iters=10"]),
+    "tv": lambda: TVReconstructor(weight=1e-4, max_iterations=30, tol=1e-4),
+    "ldir": lambda: load_sampler("ldir", tiny_latent_bundle(N), [*FAST, "guidance.final_steps=2", "tv.max_iterations=10"]),
     "ldir_paper": lambda: load_sampler("ldir_paper", tiny_latent_bundle(N), FAST),
     "latent_dps": lambda: load_sampler("latent_dps", tiny_latent_bundle(N), [*FAST, "refine=null", "init=null"]),
     "pixel_dps": lambda: load_sampler("pixel_dps", tiny_pixel_bundle(N), FAST),

@@ -188,6 +188,34 @@ def test_pool_stable_hooks_removed_and_drift_replan():
     assert swap.engine._ctx is None
 
 
+def test_public_step_api_outside_the_loop():
+    """What a caller running its own steps (the batch-size search) uses instead of hooks and internals."""
+    torch.manual_seed(0)
+    module = Module("conv")
+    swap = SwapOutCallback(memory_budget=20_000, min_bytes=1024, profile_steps=2, max_replans=0)
+    swap.setup(None, module, "fit")
+    assert swap.profile_steps == 2 and swap.last_resident_bytes is None
+    assert swap.end_step() is None  # nothing open
+    (x,) = data("conv", 4).tensors
+    modes = []
+    for _ in range(3):
+        swap.begin_step((x,))
+        loss = module.net(x).square().mean()
+        swap.on_before_backward(None, module, loss)
+        loss.backward()
+        swap.on_after_backward(None, module)
+        stats = swap.end_step()
+        modes.append(stats["mode"])
+        assert swap.last_resident_bytes == stats["measured_resident_bytes"] > 0
+    assert modes == ["profile", "profile", "execute"]  # profile_steps steps before the plan runs
+    assert stats["swapped_bytes"] > 0 and swap.last_resident_bytes < stats["baseline_resident_bytes"]
+    swap.begin_step((x,))
+    module.net(x).square().mean()  # interrupted before backward
+    swap.abort_step()
+    assert swap.end_step() is None and len(swap.history) == 3  # an aborted step is not recorded
+    swap.teardown(None, module, "fit")
+
+
 def test_engine_never_offloads_params_or_tiny():
     torch.manual_seed(0)
     net = conv_net()

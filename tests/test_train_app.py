@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from wandb_records import summary as wandb_summary
 
+from ldir_pl.apps.train import compose_config
 from ldir_pl.models import load_prior
-from ldir_pl.train import compose_config
 
 TINY = ["experiment=demo", "debug=tiny", "logger=none"]
 
@@ -23,7 +23,7 @@ def ldir_train(*overrides: str, tmp_path: Path, check: bool = True) -> subproces
            "OMP_NUM_THREADS": "1", **({"HYDRA_FULL_ERROR": "1"} if check else {})}  # failures: the user's view
     flags = [o for o in overrides if o.startswith("-")]
     overrides = tuple(o for o in overrides if not o.startswith("-"))
-    proc = subprocess.run([sys.executable, "-m", "ldir_pl.train", *flags, *TINY, *overrides], env=env,
+    proc = subprocess.run([sys.executable, "-m", "ldir_pl.apps.train", *flags, *TINY, *overrides], env=env,
                           capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         pytest.fail(f"ldir-train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -40,7 +40,7 @@ def prior_run(tmp_path_factory) -> Path:
 
 def test_in_process_training_of_the_tiny_config(tiny_train_config):
     """The library path (no CLI): ``train_prior`` on the composed ``debug=tiny`` config."""
-    from ldir_pl.train import train_prior
+    from ldir_pl.apps.train import train_prior
 
     prior = train_prior(tiny_train_config)
     bundle = load_prior(prior, kind="latent")
@@ -136,7 +136,7 @@ def test_compose_and_presets_resolve():
     for exp in ("demo", "ct_cpu", "ct_gpu", "lodopab_256", "mayo_256"):
         cfg = compose_config([f"experiment={exp}"] + data.get(exp, ["data.root=/some/dir"]))
         assert cfg.model.ldm.scheduler.clip_sample is False
-        assert cfg.data.image_size % cfg.model.vae.downsample_factor == 0
+        assert cfg.data.image_size % 2 ** (len(cfg.model.vae.autoencoder.block_out_channels) - 1) == 0
     cfg = compose_config(["hparams_search=vae_optuna"], return_hydra_config=True)
     assert cfg.hydra.sweeper.direction == "maximize" and cfg.stage == "vae"
 
@@ -146,7 +146,7 @@ def test_ct_recipes_train_two_steps_on_cpu(exp, tmp_path):
     """The recipes as configured (models, ct_mix data, latent cache), on tiny DICOM + NIfTI sources."""
     from test_nifti_mix import _sources
 
-    from ldir_pl.train import train_prior
+    from ldir_pl.apps.train import train_prior
 
     _sources(tmp_path)
     steps = [f"++stages.{s}.trainer.{k}={v}" for s in ("vae", "ldm")

@@ -6,12 +6,10 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from tiny import tiny_module
 from torch.utils.data import DataLoader
 
-from ldir_pl.models import VAEModule, load_vae
-
-TINY = dict(image_size=32, downsample_factor=4, block_out_channels=[8, 16, 16], norm_num_groups=8,
-            mid_block_add_attention=False)
+from ldir_pl.models import load_vae
 
 
 def smooth_images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
@@ -39,7 +37,7 @@ def fit(module, steps: int, tmp_path, data=None, **trainer_kwargs) -> LossRecord
 
 def test_vae_fit_loss_falls_and_is_finite(tmp_path):
     pl.seed_everything(0)
-    module = VAEModule(**TINY, lr=3e-3, warmup_steps=2)
+    module = tiny_module("vae", lr=3e-3, warmup_steps=2)
     rec = fit(module, 40, tmp_path, enable_checkpointing=True)
     first, last = sum(rec.losses[:5]) / 5, sum(rec.losses[-5:]) / 5
     assert all(torch.isfinite(torch.tensor(rec.losses)))
@@ -54,7 +52,7 @@ def test_vae_fit_loss_falls_and_is_finite(tmp_path):
 
 def test_vae_export_and_checkpoint_load_round_trip(tmp_path):
     pl.seed_everything(0)
-    module = VAEModule(**TINY)
+    module = tiny_module("vae")
     fit(module, 2, tmp_path, enable_checkpointing=True)
     module.eval()
     x = smooth_images(2)
@@ -66,12 +64,12 @@ def test_vae_export_and_checkpoint_load_round_trip(tmp_path):
 
 
 def test_train_crop_and_factor_errors():
-    m = VAEModule(**TINY, train_crop=16)
+    m = tiny_module("vae", train_crop=16)
     assert m._random_crop(torch.rand(2, 1, 32, 32)).shape == (2, 1, 16, 16)
-    with pytest.raises(ValueError, match="downsample_factor"):
-        VAEModule(**{**TINY, "downsample_factor": 8})
-    with pytest.raises(ValueError, match="power of two"):
-        VAEModule(image_size=32, downsample_factor=6)
+    with pytest.raises(ValueError, match="multiple of downsample_factor=4"):
+        tiny_module("vae", train_crop=10)._random_crop(torch.rand(2, 1, 32, 32))
+    with pytest.raises(ValueError, match="does not divide image_size=36"):
+        tiny_module("vae", image_size=36, autoencoder={"block_out_channels": [8, 16, 16, 16]})
 
 
 def test_load_vae_errors_name_the_path(tmp_path):

@@ -6,6 +6,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
 
 from ldir_pl.models.bundle import PriorBundle
+from ldir_pl.physics import GaussianNoise
 
 SIZE = 32
 TRANSFORM = {"intensity_transform": {"type": "affine", "scale": 2.0, "shift": -1.0, "data_range": [0, 1]}}
@@ -44,3 +45,22 @@ def phantom(n: int = 2, size: int = SIZE) -> torch.Tensor:
         img = 0.3 * ((xx**2 + yy**2) < r**2).float() + 0.4 * (((xx - 0.2) ** 2 + yy**2) < 0.04).float()
         imgs.append(img)
     return torch.stack(imgs)[:, None]
+
+
+#: the reference protocol's noise (conf/physics/noise/gaussian.yaml), for physics built in tests
+NOISE = GaussianNoise(relative=0.01)
+
+
+def tiny_module(kind: str, **overrides):
+    """``model.<kind>`` (vae | ldm | pixel_ddpm) of ``experiment=demo debug=tiny``, built as the training app
+    builds it: the YAML is where hyperparameters live, ``overrides`` change what a test needs."""
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    from ldir_pl.apps.train import compose_config
+
+    cfg = compose_config(["experiment=demo", "debug=tiny", "logger=none", "output_dir=/nonexistent"])
+    node = OmegaConf.merge(OmegaConf.to_container(cfg.model[kind], resolve=True), overrides)
+    kwargs = OmegaConf.to_container(node)
+    kwargs.pop("_convert_", None)
+    return get_class(kwargs.pop("_target_"))(**kwargs)  # called directly: a test sees the module's own errors

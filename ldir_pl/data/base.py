@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ldir_pl.data.transforms import Augment
+from ldir_pl.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,21 @@ class MeasurementDataset(Dataset):
         return {"x": x, "y": y, "id": image_id}
 
 
+class VolumeDataset(Dataset):
+    """One item per volume: its slices, their measurements (each slice seeded by its own id), and geometry."""
+
+    def __init__(self, volumes: Sequence, physics) -> None:
+        self.volumes, self.physics = list(volumes), physics
+
+    def __len__(self) -> int:
+        return len(self.volumes)
+
+    def __getitem__(self, i: int) -> dict:
+        vol = self.volumes[i]
+        return {"x": vol.images, "y": self.physics.measure(vol.images, vol.slice_ids), "id": vol.slice_ids,
+                "volume": vol}
+
+
 class SliceDataModule(pl.LightningDataModule):
     """Base data module; subclasses implement ``_items(split)``."""
 
@@ -83,7 +99,7 @@ class SliceDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if predict_split not in SPLITS:
-            raise ValueError(f"data.predict_split={predict_split!r}: expected one of {SPLITS}")
+            raise ConfigError(f"data.predict_split={predict_split!r}: expected one of {SPLITS}")
         self.image_size, self.batch_size, self.num_workers = int(image_size), int(batch_size), int(num_workers)
         self.seed, self.augment, self.predict_split = int(seed), bool(augment), predict_split
         self.max_images = max_images
@@ -98,7 +114,7 @@ class SliceDataModule(pl.LightningDataModule):
     def attach_physics(self, physics) -> None:
         """Reconstruction needs the measurement model built from the same config."""
         if tuple(physics.image_shape) != (self.image_size, self.image_size):
-            raise ValueError(f"physics reconstructs {physics.image_shape[0]}x{physics.image_shape[1]} images but "
+            raise ConfigError(f"physics reconstructs {physics.image_shape[0]}x{physics.image_shape[1]} images but "
                              f"data.image_size={self.image_size}: set both to the same size (physics=lodopab "
                              "is 362)")
         self.physics = physics
@@ -124,6 +140,20 @@ class SliceDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(ImageDataset(self.items("test")), shuffle=False)
 
+    def volumes(self, split: str) -> list:
+        """The split's volumes (``ldir_pl.data.volumes.Volume``), for sources that hold volumes."""
+        raise ConfigError(f"{type(self).__name__} holds single slices, not volumes: use data=nifti or data=dicom "
+                          "(a folder of DICOM series) with recon.volume=true")
+
+    def volume_dataloader(self) -> DataLoader:
+        """One volume per batch (``predict_split``), measured slice by slice with the attached physics."""
+        if self.physics is None:
+            raise RuntimeError("volume_dataloader needs measurements: call attach_physics(physics) first")
+        volumes = self.volumes(self.predict_split)
+        if self.max_images is not None:
+            volumes = volumes[: int(self.max_images)]
+        return DataLoader(VolumeDataset(volumes, self.physics), batch_size=None, shuffle=False, num_workers=0)
+
     def predict_dataloader(self) -> DataLoader:
         if self.physics is None:
             raise RuntimeError("predict_dataloader needs measurements: call attach_physics(physics) first")
@@ -136,7 +166,7 @@ def split_by_group(groups: Sequence[str], val_fraction: float, test_fraction: fl
     """Assign whole groups (patients) to train/val/test, deterministically from the seed."""
     unique = sorted(set(groups))
     if not 0 <= val_fraction + test_fraction < 1:
-        raise ValueError(f"data.val_fraction={val_fraction} + data.test_fraction={test_fraction} must be in [0,1)")
+        raise ConfigError(f"data.val_fraction={val_fraction} + data.test_fraction={test_fraction} must be in [0,1)")
     order = torch.randperm(len(unique), generator=torch.Generator().manual_seed(seed)).tolist()
     shuffled = [unique[i] for i in order]
     n_val = round(len(unique) * val_fraction)
@@ -147,5 +177,5 @@ def split_by_group(groups: Sequence[str], val_fraction: float, test_fraction: fl
     test = set(shuffled[n_val:n_val + n_test])
     train = set(shuffled[n_val + n_test:])
     if not train:
-        raise ValueError(f"only {len(unique)} patient(s)/group(s): nothing left for training after the split")
+        raise ConfigError(f"only {len(unique)} patient(s)/group(s): nothing left for training after the split")
     return {"train": train, "val": val, "test": test, "all": set(unique)}

@@ -9,6 +9,7 @@ import torch
 from ldir_pl.data.base import Item, SliceDataModule, StoredImage, split_by_group
 from ldir_pl.data.readers import DICOM_SUFFIXES, check_same_shape, list_files, read_dicom, require_dir
 from ldir_pl.data.transforms import hu_to_unit, resize_area
+from ldir_pl.data.volumes import Volume, read_dicom_series
 
 log = logging.getLogger(__name__)
 
@@ -17,10 +18,12 @@ class DicomDataModule(SliceDataModule):
     """Slices are read, converted HU -> [0,1] and resized once at setup: every file is validated before
     any training or reconstruction starts, and epochs do not re-decode DICOM."""
 
-    def __init__(self, root: str, val_fraction: float = 0.2, test_fraction: float = 0.2, **kwargs) -> None:
+    def __init__(self, root: str, val_fraction: float = 0.2, test_fraction: float = 0.2,
+                 slices: str | int | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.root = root
         self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
+        self.slices = slices  # a slab of every series in volume mode: "START:STOP" or N (centred)
         self._images: dict[str, torch.Tensor] | None = None
         self._patients: dict[str, str] = {}
         self._split: dict[str, set[str]] = {}
@@ -45,9 +48,19 @@ class DicomDataModule(SliceDataModule):
                  len(ids), len(self._split["all"]), len(self._split["train"]), len(self._split["val"]),
                  len(self._split["test"]))
 
+    def patient_of(self, image_id: str) -> str:
+        self.setup()
+        return self._patients[image_id]
+
     def patients(self, split: str) -> set[str]:
         self.setup()
         return self._split[split]
+
+    def volumes(self, split: str) -> list[Volume]:
+        """The DICOM series of the split's patients as volumes (sorted along the slice normal, checked)."""
+        keep = self.patients(split)
+        series = read_dicom_series(require_dir(self.root, "data.root (DICOM folder)"))
+        return [vol.slab(self.slices).resized(self.image_size) for patient, vol in series.values() if patient in keep]
 
     def _items(self, split: str) -> list[Item]:
         self.setup()

@@ -16,6 +16,7 @@ from ldir_pl.data.readers import (
     require_dir,
 )
 from ldir_pl.data.transforms import hu_to_unit, resize_area
+from ldir_pl.errors import ConfigError
 
 INTENSITIES = ("unit", "hu")
 
@@ -29,7 +30,7 @@ class FolderDataModule(SliceDataModule):
                  test_fraction: float = 0.0, **kwargs) -> None:
         super().__init__(**kwargs)
         if intensity not in INTENSITIES:
-            raise ValueError(f"data.intensity={intensity!r}: expected one of {INTENSITIES}")
+            raise ConfigError(f"data.intensity={intensity!r}: expected one of {INTENSITIES}")
         self.root, self.intensity = root, intensity
         self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
         self._images: dict[str, torch.Tensor] | None = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ldir_pl.data.base import Item, SliceDataModule
+from ldir_pl.errors import ConfigError
 
 
 class MixDataModule(SliceDataModule):
@@ -18,14 +19,14 @@ class MixDataModule(SliceDataModule):
     def __init__(self, sources: Mapping[str, SliceDataModule], eval_source: str, **kwargs) -> None:
         super().__init__(**kwargs)
         if not sources:
-            raise ValueError("data.sources is empty: name at least one data source")
+            raise ConfigError("data.sources is empty: name at least one data source")
         if eval_source not in sources:
-            raise ValueError(f"data.eval_source={eval_source!r} is not one of data.sources {sorted(sources)}")
+            raise ConfigError(f"data.eval_source={eval_source!r} is not one of data.sources {sorted(sources)}")
         for name, src in sources.items():
             if not isinstance(src, SliceDataModule):
-                raise TypeError(f"data.sources.{name} is a {type(src).__name__}, not a slice data module")
+                raise ConfigError(f"data.sources.{name} is a {type(src).__name__}, not a slice data module")
             if src.image_size != self.image_size:
-                raise ValueError(f"data.sources.{name}.image_size={src.image_size} differs from "
+                raise ConfigError(f"data.sources.{name}.image_size={src.image_size} differs from "
                                  f"data.image_size={self.image_size}")
         self.sources, self.eval_source = dict(sources), eval_source
 

@@ -6,14 +6,16 @@ Adjacent slices of one volume are near copies, so whole volumes (patients) go to
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ldir_pl.data.base import Item, SliceDataModule, StoredImage, split_by_group
 from ldir_pl.data.readers import DataError, require_dir
-from ldir_pl.data.transforms import hu_to_unit, resize_area
+from ldir_pl.data.volumes import Volume, read_nifti
+from ldir_pl.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -74,38 +76,50 @@ def read_volume(path: Path) -> np.ndarray:
 
 class NiftiDataModule(SliceDataModule):
     """Every slice of every volume, HU -> [0, 1] by the reference transform, area-resized to ``image_size``.
-    Image ids are ``<volume>/<slice index>``; ``val_fraction`` / ``test_fraction`` count volumes."""
+    Image ids are ``<volume>/<slice index>``. ``val_volumes`` / ``test_volumes`` name volumes held out by
+    name (never trained on); ``val_fraction`` / ``test_fraction`` split the remaining volumes. ``slices``
+    keeps a slab of every volume: ``"START:STOP"`` or N (the centred N slices)."""
 
-    def __init__(self, root: str, val_fraction: float = 0.2, test_fraction: float = 0.0, **kwargs) -> None:
+    def __init__(self, root: str, val_fraction: float = 0.2, test_fraction: float = 0.0,
+                 val_volumes: Sequence[str] = (), test_volumes: Sequence[str] = (), slices: str | int | None = None,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
         self.root = root
         self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
-        self._images: dict[str, torch.Tensor] | None = None
-        self._volume_of: dict[str, str] = {}
+        self.val_volumes, self.test_volumes = [str(v) for v in val_volumes], [str(v) for v in test_volumes]
+        self.slices = slices
+        both = set(self.val_volumes) & set(self.test_volumes)
+        if both:
+            raise ConfigError(f"data.val_volumes and data.test_volumes share {sorted(both)}")
+        self._volumes: dict[str, Volume] | None = None
         self._split: dict[str, set[str]] = {}
 
     def setup(self, stage: str | None = None) -> None:
-        if self._images is not None:
+        if self._volumes is not None:
             return
         root = require_dir(self.root, "data.root (NIfTI folder)")
-        images: dict[str, torch.Tensor] = {}
+        volumes = {}
         for path in list_volumes(root):
-            hu = read_volume(path)
-            vol = str(path.relative_to(root).parent / volume_name(path))
-            slices = hu_to_unit(torch.from_numpy(np.ascontiguousarray(np.moveaxis(hu, -1, 0))))
-            slices = resize_area(slices.unsqueeze(1), self.image_size)
-            for k in range(slices.shape[0]):
-                image_id = f"{vol}/{k:04d}"
-                images[image_id] = slices[k].clone()
-                self._volume_of[image_id] = vol
-        self._images = images
-        self._split = split_by_group(list(self._volume_of.values()), self.val_fraction, self.test_fraction,
+            vol = read_nifti(path)
+            name = str(path.relative_to(root).parent / vol.name)
+            volumes[name] = replace(vol, name=name).slab(self.slices).resized(self.image_size)
+        self._volumes = volumes
+        named = {**{v: "val" for v in self.val_volumes}, **{v: "test" for v in self.test_volumes}}
+        missing = sorted(set(named) - set(volumes))
+        if missing:
+            raise DataError(f"NIfTI folder {root}: held-out volume(s) {missing} not found (volumes: {sorted(volumes)})")
+        self._split = split_by_group([v for v in volumes if v not in named], self.val_fraction, self.test_fraction,
                                      self.seed)
-        log.info("NIfTI %s: %d slices of %d volumes; split train/val/test volumes %d/%d/%d", root, len(images),
-                 len(self._split["all"]), len(self._split["train"]), len(self._split["val"]),
-                 len(self._split["test"]))
+        for vol, split in named.items():
+            self._split[split].add(vol)
+            self._split["all"].add(vol)
+        log.info("NIfTI %s: %d slices of %d volumes; split train/val/test volumes %d/%d/%d", root,
+                 sum(v.images.shape[0] for v in volumes.values()), len(volumes), len(self._split["train"]),
+                 len(self._split["val"]), len(self._split["test"]))
+
+    def volumes(self, split: str) -> list[Volume]:
+        self.setup()
+        return [v for name, v in self._volumes.items() if name in self._split[split]]
 
     def _items(self, split: str) -> list[Item]:
-        self.setup()
-        keep = self._split[split]
-        return [(i, StoredImage(t)) for i, t in self._images.items() if self._volume_of[i] in keep]
+        return [(i, StoredImage(img)) for v in self.volumes(split) for i, img in zip(v.slice_ids, v.images)]

@@ -8,14 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ldir_pl.errors import DataError
+
 log = logging.getLogger(__name__)
 
 DICOM_SUFFIXES = {".dcm", ".dicom", ".ima", ""}
 IMAGE_SUFFIXES = {".npy", ".png", ".tif", ".tiff"}
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file and what is wrong."""
 
 
 def require_dir(root: str | Path, what: str) -> Path:
@@ -36,14 +34,25 @@ class DicomSlice:
 
 def read_dicom(path: str | Path) -> DicomSlice:
     """One CT slice in HU (RescaleSlope/Intercept applied)."""
+    path = Path(path)
+    ds = open_dicom(path)
+    patient = str(getattr(ds, "PatientID", "") or path.stem)
+    return DicomSlice(path=path, patient_id=patient, hu=dicom_hu(ds, path))
+
+
+def open_dicom(path: Path):
+    """The pydicom dataset of ``path``; an unreadable file is a ``DataError`` naming it."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    path = Path(path)
     try:
-        ds = pydicom.dcmread(path)
+        return pydicom.dcmread(path)
     except (InvalidDicomError, OSError, EOFError, ValueError) as err:
         raise DataError(f"{path}: not a readable DICOM file ({type(err).__name__}: {err})") from err
+
+
+def dicom_hu(ds, path: Path) -> np.ndarray:
+    """The (H, W) float32 HU image of a dataset; missing or undecodable pixels name the file."""
     if "PixelData" not in ds:
         raise DataError(f"{path}: DICOM file holds no image (no PixelData; SOP class "
                         f"{getattr(ds, 'SOPClassUID', 'unknown')})")
@@ -55,8 +64,7 @@ def read_dicom(path: str | Path) -> DicomSlice:
         raise DataError(f"{path}: expected one 2-D slice, pixel array has shape {pixels.shape}")
     slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
     intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
-    patient = str(getattr(ds, "PatientID", "") or path.stem)
-    return DicomSlice(path=path, patient_id=patient, hu=pixels * slope + intercept)
+    return pixels * slope + intercept
 
 
 def list_files(root: Path, suffixes: set[str], what: str) -> list[Path]:

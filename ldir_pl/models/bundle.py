@@ -16,8 +16,9 @@ Bundles written before ``model_index.json`` existed keep their VAE in ``vae/`` a
 
 from __future__ import annotations
 
+import copy
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +27,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
 from torch import Tensor
 
+from ldir_pl.errors import ConfigError, MissingPathError
 from ldir_pl.models.intensity import IntensityTransform
 
 METADATA_FILE = "ldir_prior.json"
@@ -54,7 +56,7 @@ class PriorBundle:
                    metadata: dict[str, Any]) -> PriorBundle:
         """A bundle from trained networks; ``metadata`` needs ``image_size``, kind and latent shape follow."""
         if "image_size" not in metadata:
-            raise ValueError("prior metadata must contain 'image_size'")
+            raise ConfigError("prior metadata must contain 'image_size'")
         size = int(metadata["image_size"])
         if vae is not None:
             factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -95,9 +97,13 @@ class PriorBundle:
         return self.transform.from_model(out)
 
     # ------------------------------------------------------------------ disk
-    def save_pretrained(self, path: str | Path) -> Path:
+    def save_pretrained(self, path: str | Path, half: bool = False) -> Path:
+        """Write the bundle; ``half`` stores the weights in fp16 (half the size; ``from_pretrained`` loads fp32)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        if half:
+            unet, vae = copy.deepcopy(self.unet).half(), None if self.vae is None else copy.deepcopy(self.vae).half()
+            return replace(self, unet=unet, vae=vae).save_pretrained(path)
         index = {"_class_name": "LDMPipeline" if self.kind == "latent" else "DDPMPipeline",
                  "_diffusers_version": diffusers.__version__,
                  "unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", type(self.scheduler).__name__]}
@@ -117,33 +123,33 @@ class PriorBundle:
         """Load a bundle (networks in eval mode on the CPU); every error names the path or file at fault."""
         path = Path(path)
         if not path.exists():
-            raise FileNotFoundError(f"prior bundle not found: {path}")
+            raise MissingPathError(f"prior bundle not found: {path}")
         if not path.is_dir():
-            raise ValueError(f"prior bundle must be a folder, got the file {path}")
+            raise ConfigError(f"prior bundle must be a folder, got the file {path}")
         meta_file = path / METADATA_FILE
         if not meta_file.exists():
-            raise ValueError(f"{path} is not an ldir prior bundle: {METADATA_FILE} is missing")
+            raise ConfigError(f"{path} is not an ldir prior bundle: {METADATA_FILE} is missing")
         try:
             meta = json.loads(meta_file.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"{meta_file} is not valid JSON: {err}") from err
+            raise ConfigError(f"{meta_file} is not valid JSON: {err}") from err
         found = meta.get("kind")
         if found not in ("latent", "pixel"):
-            raise ValueError(f"{meta_file}: unknown prior kind {found!r}")
+            raise ConfigError(f"{meta_file}: unknown prior kind {found!r}")
         if kind is not None and found != kind:
-            raise ValueError(f"{path} holds a {found!r} prior, but a {kind!r} prior was requested")
+            raise ConfigError(f"{path} holds a {found!r} prior, but a {kind!r} prior was requested")
         vae_dir = path / "vqvae" if (path / "vqvae").is_dir() else path / "vae"
         need = [path / "unet", path / "scheduler"] + ([vae_dir] if found == "latent" else [])
         missing = [d.name for d in need if not d.is_dir()]
         if missing:
-            raise ValueError(f"{path} is an incomplete {found} prior bundle: missing {', '.join(missing)}/")
+            raise ConfigError(f"{path} is an incomplete {found} prior bundle: missing {', '.join(missing)}/")
         for d in need[:1] + need[2:]:
             _require_safetensors(d)
-        unet = UNet2DModel.from_pretrained(path / "unet", use_safetensors=True, low_cpu_mem_usage=False).eval()
+        unet = UNet2DModel.from_pretrained(path / "unet", use_safetensors=True, low_cpu_mem_usage=False).float().eval()
         scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
         vae = None
-        if found == "latent":
-            vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True, low_cpu_mem_usage=False).eval()
+        if found == "latent":  # weights stored in fp16 run in fp32
+            vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True, low_cpu_mem_usage=False).float().eval()
         return cls(unet, scheduler, vae, float(meta.get("scaling_factor", 1.0)), int(meta["image_size"]),
                    tuple(int(v) for v in meta["latent_shape"]), found, meta)
 
@@ -153,9 +159,9 @@ def _require_safetensors(folder: Path) -> None:
         return
     pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
     if pickled:
-        raise ValueError(f"{folder / pickled[0]}: pickled weights; priors load from {WEIGHTS} only "
+        raise ConfigError(f"{folder / pickled[0]}: pickled weights; priors load from {WEIGHTS} only "
                          "(re-save the model with save_pretrained(..., safe_serialization=True))")
-    raise ValueError(f"{folder}: no {WEIGHTS}")
+    raise ConfigError(f"{folder}: no {WEIGHTS}")
 
 
 def save_prior(path: str | Path, vae: AutoencoderKL | None, unet: UNet2DModel, scheduler: DDPMScheduler,

@@ -7,6 +7,8 @@ import copy
 import torch
 from torch import nn
 
+from ldir_pl.errors import ConfigError
+
 
 class EMA(nn.Module):
     """Holds a frozen copy of ``model`` updated as ``ema = d * ema + (1 - d) * model``.
@@ -19,7 +21,7 @@ class EMA(nn.Module):
     def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True) -> None:
         super().__init__()
         if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"ema decay must be in [0, 1], got {decay}")
+            raise ConfigError(f"ema decay must be in [0, 1], got {decay}")
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay = float(decay)
         self.warmup = bool(warmup)

@@ -7,6 +7,8 @@ from typing import Any
 
 from torch import Tensor
 
+from ldir_pl.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class IntensityTransform:
@@ -29,7 +31,7 @@ class IntensityTransform:
     def from_metadata(cls, metadata: dict | None) -> IntensityTransform:
         t = (metadata or {}).get("intensity_transform") or {}
         if t.get("type", "affine") != "affine":
-            raise ValueError(f"unsupported intensity transform in the prior metadata: {t}")
+            raise ConfigError(f"unsupported intensity transform in the prior metadata: {t}")
         return cls(float(t.get("scale", 2.0)), float(t.get("shift", -1.0)))
 
 

@@ -12,31 +12,26 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
 
+from ldir_pl.errors import ConfigError
+
 from .ema import EMA
 from .images import log_image_grid
+from .latent_norm import channel_moments, fold_channel_normalization
 from .schedules import make_ddpm_scheduler
 from .training import PriorTrainingModule
 from .vae import from_model, load_vae, to_model
 
 
-def build_unet(
-    sample_size: int,
-    channels: int,
-    block_out_channels: list[int] = (64, 128, 128, 256),
-    layers_per_block: int = 2,
-    down_block_types: list[str] | None = None,
-    up_block_types: list[str] | None = None,
-    attention_levels: list[int] | None = None,
-    **kwargs: Any,
-) -> UNet2DModel:
-    """UNet2DModel; attention at ``attention_levels`` (default: the two lowest resolutions)."""
+def build_unet(sample_size: int, channels: int, block_out_channels: list[int], layers_per_block: int,
+               attention_levels: list[int], **kwargs: Any) -> UNet2DModel:
+    """UNet2DModel with self-attention at ``attention_levels`` (0 = full resolution); ``kwargs`` go to diffusers
+    (``attention_head_dim``, ``norm_num_groups``, ``dropout``)."""
     n = len(block_out_channels)
-    if down_block_types is None or up_block_types is None:
-        attn = set(range(max(0, n - 2), n) if attention_levels is None else attention_levels)
-        down_block_types = ["AttnDownBlock2D" if i in attn else "DownBlock2D" for i in range(n)]
-        up_block_types = ["AttnUpBlock2D" if i in attn else "UpBlock2D" for i in reversed(range(n))]
+    attn = set(attention_levels)
+    down_block_types = ["AttnDownBlock2D" if i in attn else "DownBlock2D" for i in range(n)]
+    up_block_types = ["AttnUpBlock2D" if i in attn else "UpBlock2D" for i in reversed(range(n))]
     if sample_size % 2 ** (n - 1):
-        raise ValueError(f"UNet input size {sample_size} is not divisible by 2**{n - 1} ({n} levels)")
+        raise ConfigError(f"UNet input size {sample_size} is not divisible by 2**{n - 1} ({n} levels)")
     return UNet2DModel(
         sample_size=int(sample_size),
         in_channels=int(channels),
@@ -49,27 +44,32 @@ def build_unet(
     )
 
 
+def min_snr_weights(scheduler, t: torch.Tensor, prediction_type: str, gamma: float | None) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023): the easy, low-noise timesteps stop dominating the
+    gradient, which speeds convergence severalfold; ``gamma=None`` weighs every timestep alike."""
+    if gamma is None:
+        return torch.ones(t.shape, device=t.device)
+    a = scheduler.alphas_cumprod.to(t.device)[t].float()
+    snr = a / (1.0 - a)
+    clipped = snr.clamp(max=float(gamma))
+    if prediction_type == "epsilon":
+        return clipped / snr
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1.0)
+    return clipped
+
+
 class DiffusionModule(PriorTrainingModule):
     """DDPM training of a UNet with EMA, AdamW + warmup/cosine; validation samples with DDIM."""
 
     kind = "diffusion"
 
-    def __init__(
-        self,
-        unet: dict | None = None,
-        scheduler: dict | None = None,
-        lr: float = 1e-4,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 500,
-        min_lr_ratio: float = 0.1,
-        ema_decay: float = 0.999,
-        num_val_samples: int = 8,
-        val_inference_steps: int = 50,
-        sample_seed: int = 0,
-    ) -> None:
+    def __init__(self, *, unet: dict, scheduler: dict, lr: float, weight_decay: float, warmup_steps: int,
+                 min_lr_ratio: float, ema_decay: float, num_val_samples: int, val_inference_steps: int,
+                 sample_seed: int, snr_gamma: float | None) -> None:
         super().__init__()
-        self.unet_kwargs = dict(unet or {})
-        self.noise_scheduler = make_ddpm_scheduler(**(scheduler or {}))
+        self.unet_kwargs = dict(unet)
+        self.noise_scheduler = make_ddpm_scheduler(**scheduler)
         self.unet: UNet2DModel  # built by the subclass once the diffused shape is known
         self.ema: EMA
 
@@ -97,13 +97,15 @@ class DiffusionModule(PriorTrainingModule):
         t = torch.randint(0, sched.config.num_train_timesteps, (z0.shape[0],), generator=generator, device=z0.device)
         noisy = sched.add_noise(z0, noise, t)
         pred = unet(noisy, t).sample
-        if sched.config.prediction_type == "epsilon":
+        kind = sched.config.prediction_type
+        if kind == "epsilon":
             target = noise
-        elif sched.config.prediction_type == "v_prediction":
+        elif kind == "v_prediction":
             target = sched.get_velocity(z0, noise, t)
         else:
             target = z0
-        return F.mse_loss(pred.float(), target.float())
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+        return (min_snr_weights(sched, t, kind, self.hparams.snr_gamma) * per_sample).mean()
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         with torch.no_grad():
@@ -148,42 +150,32 @@ class DiffusionModule(PriorTrainingModule):
         return self.ema.module
 
 
+LATENT_NORMS = ("global", "channel")
+
+
 class LatentDiffusionModule(DiffusionModule):
     """DDPM on ``scaling_factor * VAE.encode(x)``.
 
-    ``scaling_factor`` is estimated at the start of training as 1/std of the training latents
-    (unit-variance latents suit the fixed DDPM noise schedule) unless given; it is a buffer, so it is
-    checkpointed and restored on resume, and written into the exported VAE's config.
+    Unit-variance latents suit the fixed DDPM noise schedule. ``latent_norm: global`` estimates
+    ``scaling_factor`` at the start of training as 1/std of the training latents (unless given);
+    ``channel`` standardises every latent channel instead, folded into the VAE's quant convolutions
+    (``latent_norm.py``), and leaves a scaling factor of 1. The factor is a buffer (checkpointed, restored on
+    resume) and is written into the exported VAE's config.
     """
 
     kind = "latent"
 
-    def __init__(
-        self,
-        vae_path: str,
-        image_size: int = 256,
-        unet: dict | None = None,
-        scheduler: dict | None = None,
-        scaling_factor: float | None = None,
-        scale_estimation_batches: int = 8,
-        sample_posterior: bool = True,
-        cache_latents: bool = False,
-        lr: float = 1e-4,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 500,
-        min_lr_ratio: float = 0.1,
-        ema_decay: float = 0.999,
-        num_val_samples: int = 8,
-        val_inference_steps: int = 50,
-        sample_seed: int = 0,
-    ) -> None:
-        super().__init__(unet, scheduler, lr, weight_decay, warmup_steps, min_lr_ratio, ema_decay,
-                         num_val_samples, val_inference_steps, sample_seed)
+    def __init__(self, *, vae_path: str, image_size: int, scaling_factor: float | None, latent_norm: str,
+                 scale_estimation_batches: int, sample_posterior: bool, cache_latents: bool,
+                 **diffusion: Any) -> None:
+        super().__init__(**diffusion)
         self.save_hyperparameters()
+        if latent_norm not in LATENT_NORMS:
+            raise ConfigError(f"model.ldm.latent_norm={latent_norm!r}: expected one of {LATENT_NORMS}")
         self.vae: AutoencoderKL = load_vae(vae_path).eval().requires_grad_(False)
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         if image_size % factor:
-            raise ValueError(f"image_size={image_size} not divisible by the VAE's downsampling {factor}")
+            raise ConfigError(f"image_size={image_size} not divisible by the VAE's downsampling {factor}")
         self.latent_size = image_size // factor
         self.register_buffer("scaling_factor", torch.tensor(float(scaling_factor or 0.0)))
         self._init_networks(self.vae.config.latent_channels, self.latent_size)
@@ -249,7 +241,7 @@ class LatentDiffusionModule(DiffusionModule):
         if self.trainer is not None and self.trainer.world_size > 1:
             s = self.trainer.strategy.reduce(s, reduce_op="sum")
         if s[0] == 0:
-            raise ValueError("cannot estimate the latent scaling factor: the training dataloader is empty")
+            raise ConfigError("cannot estimate the latent scaling factor: the training dataloader is empty")
         var = s[2] / s[0] - (s[1] / s[0]) ** 2
         return float(1.0 / var.clamp_min(1e-12).sqrt())
 
@@ -257,16 +249,19 @@ class LatentDiffusionModule(DiffusionModule):
         if self.hparams.cache_latents:
             dm = self.trainer.datamodule
             if dm is None or not hasattr(dm, "items"):
-                raise ValueError("model.ldm.cache_latents=true needs a slice data module (data=dicom|nifti|ct_mix|"
+                raise ConfigError("model.ldm.cache_latents=true needs a slice data module (data=dicom|nifti|ct_mix|"
                                  "folder|...) that lists its training images")
             if getattr(dm, "augment", False):
-                raise ValueError("model.ldm.cache_latents=true caches un-augmented latents: set data.augment=false "
+                raise ConfigError("model.ldm.cache_latents=true caches un-augmented latents: set data.augment=false "
                                  "for the ldm stage (stages.ldm.data.augment=false)")
             self._cache = self.build_latent_cache([load() for _, load in dm.items("train")])
             # each rank walks its own permutation of the cache
             self._perm_gen = torch.Generator().manual_seed(torch.initial_seed() + 7919 * self.global_rank)
             self.print(f"cached the latents of {len(self._cache)} training images")
-        if float(self.scaling_factor) > 0:  # given, or restored from a checkpoint
+        if float(self.scaling_factor) > 0:  # given, or restored from a checkpoint (with a folded VAE)
+            return
+        if self.hparams.latent_norm == "channel":
+            self._standardize_channels()
             return
         if self._cache is not None:  # every training latent is at hand, the same on every rank
             mean, std = (t.double() for t in self._cache.chunk(2, dim=1))
@@ -279,6 +274,21 @@ class LatentDiffusionModule(DiffusionModule):
             sf = self.estimate_scaling_factor(loader)
         self.scaling_factor.fill_(sf)
         self.print(f"latent scaling factor estimated from training data: {sf:.5f}")
+
+    def _standardize_channels(self) -> None:
+        """Fold per-channel standardisation into the VAE (and the cache) from the training latents."""
+        if self._cache is None:
+            raise ConfigError("model.ldm.latent_norm=channel needs model.ldm.cache_latents=true (the per-channel "
+                             "moments come from every training latent)")
+        mean, std = self._cache.chunk(2, dim=1)
+        shift, scale = channel_moments(mean, std if self.hparams.sample_posterior else None)
+        fold_channel_normalization(self.vae, shift.to(self.device), scale.to(self.device))
+        c = len(shift)
+        self._cache = torch.cat([(mean - shift.view(1, c, 1, 1)) / scale.view(1, c, 1, 1),
+                                 std / scale.view(1, c, 1, 1)], dim=1)
+        self.scaling_factor.fill_(1.0)
+        self.print("latent channels standardised (folded into the VAE): spreads "
+                   + ", ".join(f"{v:.3f}" for v in scale.tolist()))
 
     def export_vae(self) -> AutoencoderKL:
         """The frozen VAE with the estimated scaling factor written into its diffusers config."""

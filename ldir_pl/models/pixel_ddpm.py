@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .latent_diffusion import DiffusionModule
@@ -13,22 +15,8 @@ class PixelDDPMModule(DiffusionModule):
 
     kind = "pixel"
 
-    def __init__(
-        self,
-        image_size: int = 256,
-        unet: dict | None = None,
-        scheduler: dict | None = None,
-        lr: float = 1e-4,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 500,
-        min_lr_ratio: float = 0.1,
-        ema_decay: float = 0.999,
-        num_val_samples: int = 8,
-        val_inference_steps: int = 50,
-        sample_seed: int = 0,
-    ) -> None:
-        super().__init__(unet, scheduler, lr, weight_decay, warmup_steps, min_lr_ratio, ema_decay,
-                         num_val_samples, val_inference_steps, sample_seed)
+    def __init__(self, *, image_size: int, **diffusion: Any) -> None:
+        super().__init__(**diffusion)
         self.save_hyperparameters()
         self.image_size = int(image_size)
         self._init_networks(1, self.image_size)

@@ -7,6 +7,8 @@ import math
 import torch
 from diffusers import DDPMScheduler
 
+from ldir_pl.errors import ConfigError
+
 #: Short config names -> diffusers ``beta_schedule`` values.
 BETA_SCHEDULES = {
     "linear": "linear",
@@ -63,9 +65,9 @@ def make_ddpm_scheduler(
 ) -> DDPMScheduler:
     """Build a ``DDPMScheduler``; ``clip_sample`` defaults to False (diffusers' True is wrong for latents)."""
     if beta_schedule not in BETA_SCHEDULES:
-        raise ValueError(f"scheduler.beta_schedule={beta_schedule!r}: expected one of {sorted(BETA_SCHEDULES)}")
+        raise ConfigError(f"scheduler.beta_schedule={beta_schedule!r}: expected one of {sorted(BETA_SCHEDULES)}")
     if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(
+        raise ConfigError(
             f"scheduler.prediction_type={prediction_type!r}: expected one of {sorted(PREDICTION_TYPES)}"
         )
     return DDPMScheduler(

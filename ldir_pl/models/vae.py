@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
-from typing import Any
 
 import torch
 from diffusers import AutoencoderKL
 from torchmetrics.functional import structural_similarity_index_measure
 
+from ldir_pl.errors import ConfigError, MissingPathError
 from ldir_pl.metrics import psnr, ssim
 
 from .images import log_image_grid
@@ -28,40 +27,20 @@ def from_model(y: torch.Tensor) -> torch.Tensor:
     return INTENSITY.from_model(y).clamp(0.0, 1.0)
 
 
-def vae_channels(downsample_factor: int, base_channels: int = 64, max_mult: int = 4) -> list[int]:
-    """Encoder widths giving ``downsample_factor`` (one 2x downsample between consecutive levels)."""
-    levels = int(round(math.log2(downsample_factor)))
-    if downsample_factor < 1 or 2**levels != downsample_factor:
-        raise ValueError(f"model.vae.downsample_factor={downsample_factor}: must be a power of two (4 or 8)")
-    return [base_channels * min(2**i, max_mult) for i in range(levels + 1)]
-
-
-def build_autoencoder(
-    image_size: int = 256,
-    downsample_factor: int = 8,
-    block_out_channels: list[int] | None = None,
-    base_channels: int = 64,
-    latent_channels: int = 4,
-    layers_per_block: int = 1,
-    norm_num_groups: int = 32,
-    mid_block_add_attention: bool = True,
-    **_: Any,
-) -> AutoencoderKL:
-    """AutoencoderKL for 1-channel images; ``len(block_out_channels) - 1`` sets the downsampling."""
-    chans = list(block_out_channels) if block_out_channels else vae_channels(downsample_factor, base_channels)
-    if 2 ** (len(chans) - 1) != downsample_factor:
-        raise ValueError(
-            f"model.vae.block_out_channels={chans} gives downsampling {2 ** (len(chans) - 1)}, "
-            f"but model.vae.downsample_factor={downsample_factor}"
-        )
-    if image_size % downsample_factor:
-        raise ValueError(f"image_size={image_size} is not divisible by downsample_factor={downsample_factor}")
+def build_autoencoder(image_size: int, block_out_channels: list[int], latent_channels: int, layers_per_block: int,
+                      norm_num_groups: int, mid_block_add_attention: bool) -> AutoencoderKL:
+    """AutoencoderKL for 1-channel images; each level after the first halves the size (``len - 1`` times)."""
+    chans = [int(c) for c in block_out_channels]
+    factor = 2 ** (len(chans) - 1)
+    if image_size % factor:
+        raise ConfigError(f"model.vae.autoencoder.block_out_channels={chans} downsample by {factor}, which does not "
+                          f"divide image_size={image_size}")
     return AutoencoderKL(
         in_channels=1,
         out_channels=1,
         down_block_types=["DownEncoderBlock2D"] * len(chans),
         up_block_types=["UpDecoderBlock2D"] * len(chans),
-        block_out_channels=[int(c) for c in chans],
+        block_out_channels=chans,
         layers_per_block=int(layers_per_block),
         latent_channels=int(latent_channels),
         norm_num_groups=int(norm_num_groups),
@@ -80,28 +59,12 @@ class VAEModule(PriorTrainingModule):
 
     kind = "vae"
 
-    def __init__(
-        self,
-        image_size: int = 256,
-        downsample_factor: int = 8,
-        block_out_channels: list[int] | None = None,
-        base_channels: int = 64,
-        latent_channels: int = 4,
-        layers_per_block: int = 1,
-        norm_num_groups: int = 32,
-        mid_block_add_attention: bool = True,
-        lr: float = 2e-4,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 100,
-        min_lr_ratio: float = 0.1,
-        kl_weight: float = 1e-6,
-        ssim_weight: float = 0.0,
-        num_val_images: int = 8,
-        train_crop: int | None = None,
-    ) -> None:
+    def __init__(self, *, image_size: int, autoencoder: dict, lr: float, weight_decay: float, warmup_steps: int,
+                 min_lr_ratio: float, kl_weight: float, ssim_weight: float, num_val_images: int,
+                 train_crop: int | None) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.vae = build_autoencoder(**self.hparams)
+        self.vae = build_autoencoder(image_size, **autoencoder)
         self._val_images: list[torch.Tensor] = []
 
     @property
@@ -134,7 +97,7 @@ class VAEModule(PriorTrainingModule):
         if not c or c >= x.shape[-1]:
             return x
         if c % self.downsample_factor:
-            raise ValueError(f"model.vae.train_crop={c} must be a multiple of downsample_factor={self.downsample_factor}")
+            raise ConfigError(f"model.vae.train_crop={c} must be a multiple of downsample_factor={self.downsample_factor}")
         i, j = (int(v) for v in torch.randint(0, x.shape[-1] - c + 1, (2,)))
         return x[..., i : i + c, j : j + c]
 
@@ -181,30 +144,31 @@ def load_vae(path: str | Path, map_location: str | torch.device = "cpu") -> Auto
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"VAE not found: {path} (run the 'vae' stage first or set model.ldm.vae_path)")
+        raise MissingPathError(f"VAE not found: {path} (run the 'vae' stage first or set model.ldm.vae_path)")
     if path.is_dir():
         if (path / "ldir_prior.json").exists():
             if not (path / "vae").is_dir():
-                raise ValueError(f"{path} is a prior bundle without vae/ (a pixel-space prior?), not a VAE")
+                raise ConfigError(f"{path} is a prior bundle without vae/ (a pixel-space prior?), not a VAE")
             path = path / "vae"
         cfg_file = path / "config.json"
         if not cfg_file.exists():
-            raise ValueError(f"{path} is not a diffusers AutoencoderKL folder (no config.json)")
+            raise ConfigError(f"{path} is not a diffusers AutoencoderKL folder (no config.json)")
         cls = json.loads(cfg_file.read_text()).get("_class_name")
         if cls != "AutoencoderKL":
-            raise ValueError(f"{path} holds a diffusers {cls!r}, expected 'AutoencoderKL'")
+            raise ConfigError(f"{path} holds a diffusers {cls!r}, expected 'AutoencoderKL'")
         return AutoencoderKL.from_pretrained(path, low_cpu_mem_usage=False).to(map_location)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - re-raised with the file named
-        raise ValueError(f"cannot read {path} as a torch checkpoint: {err}") from err
+        raise ConfigError(f"cannot read {path} as a torch checkpoint: {err}") from err
     kind = _ckpt_kind(ckpt)
     if kind != VAEModule.kind:
-        raise ValueError(
+        raise ConfigError(
             f"{path} is not a VAE checkpoint: it was written by a {kind or 'non-ldir'} module "
             f"(expected {VAEModule.kind!r}); pass the stage-1 output (OUT/vae/model or OUT/vae/checkpoints/*.ckpt)"
         )
-    vae = build_autoencoder(**ckpt["hyper_parameters"])
+    hp = ckpt["hyper_parameters"]
+    vae = build_autoencoder(hp["image_size"], **hp["autoencoder"])
     state = {k[len("vae."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("vae.")}
     vae.load_state_dict(state)
     return vae.to(map_location)

@@ -9,6 +9,7 @@ from ldir_pl.physics.inpainting import Inpainting
 from ldir_pl.physics.noise import GaussianNoise, NoiseModel, NoNoise, PoissonNoise, image_seed
 from ldir_pl.physics.ray_transform import RayTransform
 from ldir_pl.physics.superres import SuperResolution
+from ldir_pl.physics.volume import VolumePhysics
 
 __all__ = ["Blur", "CTGeometry", "CTPhysics", "GaussianNoise", "Inpainting", "LinearPhysics", "NoiseModel", "NoNoise",
-           "PoissonNoise", "RayTransform", "SuperResolution", "image_seed"]
+           "PoissonNoise", "RayTransform", "SuperResolution", "VolumePhysics", "image_seed"]

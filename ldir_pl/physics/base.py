@@ -15,11 +15,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ldir_pl.physics.noise import GaussianNoise, NoiseModel
-
-
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    return (a * b).flatten(1).sum(1).reshape(-1, *([1] * (a.ndim - 1)))
+from ldir_pl.errors import ConfigError
+from ldir_pl.physics.linalg import conjugate_gradient, power_iteration
+from ldir_pl.physics.noise import NoiseModel
 
 
 class LinearPhysics(nn.Module):
@@ -27,13 +25,17 @@ class LinearPhysics(nn.Module):
 
     kind = "linear"
 
-    def __init__(self, image_size: int, noise: NoiseModel | None, seed: int = 0, dagger_iters: int = 10) -> None:
+    def __init__(self, image_size: int, noise: NoiseModel, seed: int = 0, dagger_iters: int = 10) -> None:
         super().__init__()
         if int(image_size) < 8:
-            raise ValueError(f"physics.image_size={image_size}: need at least 8 pixels")
+            raise ConfigError(f"physics.image_size={image_size}: need at least 8 pixels")
+        if not isinstance(noise, NoiseModel):
+            raise ConfigError(f"physics.noise: expected a noise model (physics/noise=gaussian|poisson|none), got "
+                              f"{type(noise).__name__}")
         self.image_size, self.seed = int(image_size), int(seed)
-        self.noise = noise if noise is not None else GaussianNoise(relative=0.01)  # conf/physics/noise/gaussian
+        self.noise = noise
         self.dagger_iters = int(dagger_iters)
+        self._norm_sq: float | None = None
 
     # ------------------------------------------------------------------ the operator
     @property
@@ -62,50 +64,49 @@ class LinearPhysics(nn.Module):
     @torch.no_grad()
     def A_dagger(self, y: Tensor) -> Tensor:
         """Least-squares solution by ``dagger_iters`` CG steps on A^T A x = A^T y from zero."""
-        b = self.A_adjoint(y)
-        x, r = torch.zeros_like(b), b.clone()
-        p, rs = r.clone(), _dot(r, r)
-        for _ in range(self.dagger_iters):
-            ap = self.A_adjoint(self.A(p))
-            alpha = rs / _dot(p, ap).clamp_min(1e-30)
-            x, r = x + alpha * p, r - alpha * ap
-            rs_new = _dot(r, r)
-            p, rs = r + (rs_new / rs.clamp_min(1e-30)) * p, rs_new
-        return x
+        return conjugate_gradient(self.A_normal, self.A_adjoint(y), iters=self.dagger_iters)
+
+    def A_normal(self, x: Tensor) -> Tensor:
+        """A^T A x."""
+        return self.A_adjoint(self.A(x))
+
+    def compute_norm(self) -> float:
+        """||A||^2, the largest eigenvalue of A^T A (power iteration), computed once and kept on the object:
+        step sizes and relative weights of every solver are scaled by it."""
+        if self._norm_sq is None:
+            device = next((b.device for b in self.buffers()), torch.device("cpu"))
+            self._norm_sq = power_iteration(self.A_normal, (1, *self.image_shape), device=device)
+        return self._norm_sq
 
     def weights(self) -> tuple[float, float, tuple[float, float]]:
         """(image cell area, measurement cell area, image cell sides) on the [-1, 1]^2 field."""
         h = 2.0 / self.image_size
         return h * h, h * h, (h, h)
 
-    def key(self) -> str:
-        """Identifies the operator (not the noise) for caches of norms and solvers."""
-        return repr(sorted((k, str(v)) for k, v in self.describe().items() if k != "noise"))
-
     # ------------------------------------------------------------------ data
     @torch.no_grad()
     def measure(self, x: Tensor, ids: Sequence[int | str]) -> Tensor:
         """Noisy measurements of clean images; ``ids`` fix each image's noise whatever the batch."""
         if len(ids) != x.shape[0]:
-            raise ValueError(f"measure: {len(ids)} image ids for a batch of {x.shape[0]}")
+            raise ConfigError(f"measure: {len(ids)} image ids for a batch of {x.shape[0]}")
         return self.noise(self.A(x), ids, self.seed)
 
     def check(self, y: Tensor, source: str = "measurement") -> None:
         """Clear error before any work when ``y`` cannot come from this operator (shape, NaN/inf)."""
         self._check_measurement_shape(y, source)
         if not torch.isfinite(y).all():
-            raise ValueError(f"{source}: measurement holds {int((~torch.isfinite(y)).sum())} NaN/inf values")
+            raise ConfigError(f"{source}: measurement holds {int((~torch.isfinite(y)).sum())} NaN/inf values")
 
     def _check_measurement_shape(self, y: Tensor, source: str = "measurement") -> None:
         """Shape only: cheap enough for every operator call inside an iterative solver (no device sync)."""
         expected = tuple(self.meas_shape)
         if y.ndim < len(expected) or tuple(y.shape[-len(expected):]) != expected:
-            raise ValueError(f"{source}: measurement shape {tuple(y.shape)} does not match the physics "
+            raise ConfigError(f"{source}: measurement shape {tuple(y.shape)} does not match the physics "
                              f"({self.label}): expected (..., {', '.join(map(str, expected))})")
 
     def _check_image(self, x: Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != 1 or tuple(x.shape[-2:]) != self.image_shape:
-            raise ValueError(f"image of shape {tuple(x.shape)} does not match the physics ({self.label}): "
+            raise ConfigError(f"image of shape {tuple(x.shape)} does not match the physics ({self.label}): "
                              f"expected (B, 1, {self.image_size}, {self.image_size})")
 
     def describe(self) -> dict:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ldir_pl.errors import ConfigError
 from ldir_pl.physics.base import LinearPhysics
 from ldir_pl.physics.noise import NoiseModel
 
@@ -35,22 +36,22 @@ class Blur(LinearPhysics):
 
     kind = "blur"
 
-    def __init__(self, image_size: int = 256, sigma: float = 2.0, kernel: Sequence[Sequence[float]] | None = None,
-                 boundary: str = "circular", noise: NoiseModel | None = None, seed: int = 0,
+    def __init__(self, *, image_size: int, noise: NoiseModel, sigma: float | None = None,
+                 kernel: Sequence[Sequence[float]] | None = None, boundary: str = "circular", seed: int = 0,
                  dagger_iters: int = 10) -> None:
         super().__init__(image_size, noise, seed, dagger_iters)
         if boundary not in BOUNDARIES:
-            raise ValueError(f"physics.boundary={boundary!r}: expected one of {BOUNDARIES}")
+            raise ConfigError(f"physics.boundary={boundary!r}: expected one of {BOUNDARIES}")
         if kernel is None:
-            if float(sigma) <= 0:
-                raise ValueError(f"physics.sigma={sigma}: must be positive")
+            if sigma is None or float(sigma) <= 0:
+                raise ConfigError(f"physics.sigma={sigma}: must be positive")
             k = gaussian_kernel(sigma)
         else:
             k = torch.as_tensor(kernel, dtype=torch.float32)
             if k.ndim != 2 or k.shape[0] % 2 == 0 or k.shape[1] % 2 == 0:
-                raise ValueError(f"physics.kernel of shape {tuple(k.shape)}: expected a 2-D kernel with odd sides")
+                raise ConfigError(f"physics.kernel of shape {tuple(k.shape)}: expected a 2-D kernel with odd sides")
         if max(k.shape) > self.image_size:
-            raise ValueError(f"physics: a {tuple(k.shape)} kernel does not fit a {self.image_size}px image")
+            raise ConfigError(f"physics: a {tuple(k.shape)} kernel does not fit a {self.image_size}px image")
         self.sigma = None if kernel is not None else float(sigma)
         self.boundary = boundary
         self.register_buffer("kernel", k[None, None], persistent=False)

@@ -9,6 +9,7 @@ import torch
 from odl.applications import tomo
 from torch import Tensor
 
+from ldir_pl.errors import ConfigError
 from ldir_pl.physics.base import LinearPhysics
 from ldir_pl.physics.geometry import CTGeometry
 from ldir_pl.physics.noise import NoiseModel
@@ -24,10 +25,12 @@ class CTPhysics(LinearPhysics):
 
     def __init__(
         self,
+        *,
+        num_views: int,
+        image_size: int,
+        noise: NoiseModel,
         kind: str = "parallel",
-        num_views: int = 23,
         angle_range_deg: Sequence[float] | None = None,
-        image_size: int = 256,
         extent: float = 1.0,
         det_count: int | None = None,
         src_radius: float = 4.0,
@@ -36,7 +39,6 @@ class CTPhysics(LinearPhysics):
         impl: str = "astra_cpu",
         fbp_filter: str = "Hann",
         fbp_frequency_scaling: float = 0.8,
-        noise: NoiseModel | None = None,
         seed: int = 0,
         cache_dir: str | None = None,
     ) -> None:
@@ -49,7 +51,7 @@ class CTPhysics(LinearPhysics):
             src_radius=float(src_radius), det_radius=float(det_radius),
         )
         if not 0 < float(fbp_frequency_scaling) <= 1:
-            raise ValueError(f"physics.fbp_frequency_scaling={fbp_frequency_scaling}: must be in (0, 1]")
+            raise ConfigError(f"physics.fbp_frequency_scaling={fbp_frequency_scaling}: must be in (0, 1]")
         self.ray = RayTransform(self.geometry, backend=backend, impl=impl, cache_dir=cache_dir)
         self.fbp_filter, self.fbp_frequency_scaling = fbp_filter, float(fbp_frequency_scaling)
         self._fbp = None

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 import odl
 from odl.applications import tomo
 
+from ldir_pl.errors import ConfigError
+
 GEOMETRY_KINDS = ("parallel", "fan")
 
 
@@ -27,10 +29,10 @@ class CTGeometry:
     The image covers ``[-extent, extent]^2`` with ``image_size`` pixels a side.
     """
 
-    kind: str = "parallel"
-    num_views: int = 23
+    kind: str
+    num_views: int
+    image_size: int
     angle_range_deg: tuple[float, float] | None = None
-    image_size: int = 256
     extent: float = 1.0
     det_count: int | None = None
     src_radius: float = 4.0
@@ -39,18 +41,18 @@ class CTGeometry:
 
     def __post_init__(self) -> None:
         if self.kind not in GEOMETRY_KINDS:
-            raise ValueError(f"physics.kind={self.kind!r}: expected one of {GEOMETRY_KINDS}")
+            raise ConfigError(f"physics.kind={self.kind!r}: expected one of {GEOMETRY_KINDS}")
         if int(self.num_views) < 1:
-            raise ValueError(f"physics.num_views={self.num_views}: need at least one view")
+            raise ConfigError(f"physics.num_views={self.num_views}: need at least one view")
         if int(self.image_size) < 8:
-            raise ValueError(f"physics.image_size={self.image_size}: need at least 8 pixels")
+            raise ConfigError(f"physics.image_size={self.image_size}: need at least 8 pixels")
         if self.angle_range_deg is not None:
             a0, a1 = (float(a) for a in self.angle_range_deg)
             if not a1 > a0:
-                raise ValueError(f"physics.angle_range_deg={list(self.angle_range_deg)}: end must exceed start")
+                raise ConfigError(f"physics.angle_range_deg={list(self.angle_range_deg)}: end must exceed start")
             object.__setattr__(self, "angle_range_deg", (a0, a1))
         if self.kind == "fan" and self.src_radius <= self.extent * math.sqrt(2):
-            raise ValueError(
+            raise ConfigError(
                 f"physics.src_radius={self.src_radius} lies inside the image (extent {self.extent}); "
                 "the source must be outside the field of view"
             )

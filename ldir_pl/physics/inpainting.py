@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ldir_pl.errors import ConfigError
 from ldir_pl.physics.base import LinearPhysics
 from ldir_pl.physics.noise import NoiseModel
 
@@ -23,13 +24,13 @@ class Inpainting(LinearPhysics):
 
     kind = "inpainting"
 
-    def __init__(self, image_size: int = 256, mask: str = "random", missing: float = 0.7, mask_seed: int = 0,
-                 noise: NoiseModel | None = None, seed: int = 0) -> None:
+    def __init__(self, *, image_size: int, missing: float, noise: NoiseModel, mask: str = "random",
+                 mask_seed: int = 0, seed: int = 0) -> None:
         super().__init__(image_size, noise, seed)
         if mask not in MASKS:
-            raise ValueError(f"physics.mask={mask!r}: expected one of {MASKS}")
+            raise ConfigError(f"physics.mask={mask!r}: expected one of {MASKS}")
         if not 0.0 <= float(missing) < 1.0:
-            raise ValueError(f"physics.missing={missing}: expected a fraction in [0, 1)")
+            raise ConfigError(f"physics.missing={missing}: expected a fraction in [0, 1)")
         n = self.image_size
         if mask == "random":
             gen = torch.Generator().manual_seed(int(mask_seed))

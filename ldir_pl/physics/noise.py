@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ldir_pl.errors import ConfigError
+
 
 def image_seed(seed: int, image_id: int | str) -> int:
     """A 63-bit seed from the global seed and an image identifier (index or file name)."""
@@ -46,11 +48,11 @@ class GaussianNoise(NoiseModel):
 
     name = "gaussian"
 
-    def __init__(self, relative: float | None = 0.01, sigma: float | None = None) -> None:
+    def __init__(self, relative: float | None = None, sigma: float | None = None) -> None:
         if (relative is None) == (sigma is None):
-            raise ValueError("physics.noise: give exactly one of `relative` or `sigma`")
+            raise ConfigError("physics.noise: give exactly one of `relative` or `sigma`")
         if (relative is not None and relative < 0) or (sigma is not None and sigma < 0):
-            raise ValueError(f"physics.noise: negative noise level (relative={relative}, sigma={sigma})")
+            raise ConfigError(f"physics.noise: negative noise level (relative={relative}, sigma={sigma})")
         self.relative, self.sigma = relative, sigma
 
     def __call__(self, y: Tensor, ids: Sequence[int | str], seed: int = 0) -> Tensor:
@@ -79,7 +81,7 @@ class PoissonNoise(NoiseModel):
     def __init__(self, photons: float = 4096.0, attenuation_scale: float = 10.5766,
                  min_count: float = 0.1) -> None:
         if photons <= 0 or attenuation_scale <= 0:
-            raise ValueError(f"physics.noise: photons={photons} and attenuation_scale={attenuation_scale} "
+            raise ConfigError(f"physics.noise: photons={photons} and attenuation_scale={attenuation_scale} "
                              "must be positive")
         self.photons, self.mu, self.min_count = float(photons), float(attenuation_scale), float(min_count)
 

@@ -18,6 +18,7 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor, nn
 
+from ldir_pl.errors import ConfigError
 from ldir_pl.physics.geometry import CTGeometry
 from ldir_pl.physics.system_matrix import load_system_matrix
 
@@ -60,7 +61,7 @@ class RayTransform(nn.Module):
     ) -> None:
         super().__init__()
         if backend not in BACKENDS:
-            raise ValueError(f"physics.backend={backend!r}: expected one of {BACKENDS}")
+            raise ConfigError(f"physics.backend={backend!r}: expected one of {BACKENDS}")
         self.geometry, self.backend, self.impl = geometry, backend, impl
         self._odl_op = geometry.odl_ray_transform(impl) if backend == "odl" else None
         self._mats: dict[tuple[bool, torch.device], Tensor] = {}
@@ -91,7 +92,7 @@ class RayTransform(nn.Module):
     # ------------------------------------------------------------------ internals
     def _check(self, t: Tensor, shape: tuple[int, int], what: str) -> None:
         if t.ndim != 4 or t.shape[1] != 1 or tuple(t.shape[-2:]) != tuple(shape):
-            raise ValueError(
+            raise ConfigError(
                 f"{what} of shape {tuple(t.shape)} does not match the geometry: expected (B, 1, {shape[0]}, "
                 f"{shape[1]}) for {self.geometry.kind} beam, {self.geometry.num_views} views, "
                 f"{self.geometry.image_size}x{self.geometry.image_size} image"

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ldir_pl.errors import ConfigError
 from ldir_pl.physics.base import LinearPhysics
 from ldir_pl.physics.noise import NoiseModel
 
@@ -15,11 +16,10 @@ class SuperResolution(LinearPhysics):
 
     kind = "superres"
 
-    def __init__(self, image_size: int = 256, factor: int = 4, noise: NoiseModel | None = None,
-                 seed: int = 0) -> None:
+    def __init__(self, *, image_size: int, factor: int, noise: NoiseModel, seed: int = 0) -> None:
         super().__init__(image_size, noise, seed)
         if int(factor) < 2 or self.image_size % int(factor):
-            raise ValueError(f"physics.factor={factor}: need an integer >= 2 dividing image_size={image_size}")
+            raise ConfigError(f"physics.factor={factor}: need an integer >= 2 dividing image_size={image_size}")
         self.factor = int(factor)
 
     @property

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ldir_pl.errors import ConfigError
+
 
 class DataFidelity:
     def __init__(self, p: int = 2, squared: bool = True, normalize: bool = False) -> None:
         if int(p) not in (1, 2):
-            raise ValueError(f"fidelity p={p}: expected 1 or 2")
+            raise ConfigError(f"fidelity p={p}: expected 1 or 2")
         self.p, self.squared, self.normalize = int(p), bool(squared), bool(normalize)
 
     def residual_norm(self, r: Tensor) -> Tensor:

@@ -28,6 +28,8 @@ import math
 import torch
 from torch import Tensor
 
+from ldir_pl.errors import ConfigError
+
 BIAS_CORRECTIONS = ("standard", "constant", "none")
 
 
@@ -69,7 +71,7 @@ class Momentum(HistoryUpdater):
     def __init__(self, mu: float, nesterov: bool) -> None:
         super().__init__()
         if not 0.0 <= mu < 1.0:
-            raise ValueError(f"momentum={mu}: must be in [0, 1)")
+            raise ConfigError(f"momentum={mu}: must be in [0, 1)")
         self.mu, self.nesterov = float(mu), bool(nesterov)
         self.buf: Tensor | None = None
 
@@ -89,9 +91,9 @@ class Adam(HistoryUpdater):
     def __init__(self, beta1: float, beta2: float, eps: float, bias_correction: str) -> None:
         super().__init__()
         if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
-            raise ValueError(f"adam betas ({beta1}, {beta2}) must be in [0, 1)")
+            raise ConfigError(f"adam betas ({beta1}, {beta2}) must be in [0, 1)")
         if bias_correction not in BIAS_CORRECTIONS:
-            raise ValueError(f"bias_correction={bias_correction!r}: expected one of {BIAS_CORRECTIONS}")
+            raise ConfigError(f"bias_correction={bias_correction!r}: expected one of {BIAS_CORRECTIONS}")
         self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
         self.bias_correction = bias_correction
         self.m: Tensor | None = None
@@ -126,7 +128,7 @@ class StepSize:
 
     def __init__(self, lr: float, schedule: str, end_ratio: float) -> None:
         if schedule not in STEP_SCHEDULES:
-            raise ValueError(f"sampler.step_size.schedule={schedule!r}: expected one of {STEP_SCHEDULES}")
+            raise ConfigError(f"sampler.step_size.schedule={schedule!r}: expected one of {STEP_SCHEDULES}")
         self.lr, self.schedule, self.end_ratio = float(lr), schedule, float(end_ratio)
 
     def __call__(self, i: int, n: int, alpha_bar: float | None = None) -> float:
@@ -138,7 +140,7 @@ class StepSize:
         if self.schedule == "cosine":
             return self.lr * (self.end_ratio + (1.0 - self.end_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac)))
         if alpha_bar is None:
-            raise ValueError("step_size.schedule='sqrt_one_minus_alpha_bar' needs alpha_bar")
+            raise ConfigError("step_size.schedule='sqrt_one_minus_alpha_bar' needs alpha_bar")
         return self.lr * math.sqrt(max(0.0, 1.0 - alpha_bar))
 
 

@@ -14,11 +14,11 @@ class PseudoInverse:
     """``physics.A_dagger(y)`` clipped to [0, 1] like every other method, so metrics compare like with like.
     ``sampler=fbp`` reports it as ``fbp`` (CT), ``sampler=pinv`` as ``pinv``."""
 
-    def __init__(self, name: str, clip: bool = True) -> None:
-        self.name, self.clip = str(name), bool(clip)
+    def __init__(self, name: str) -> None:
+        self.name = str(name)
 
     @torch.no_grad()
     def reconstruct(self, y: Tensor, physics: LinearPhysics, ids: Sequence[int | str] | None = None) -> Tensor:
         physics.check(y, f"{self.name} input")
         x = physics.A_dagger(y)
-        return x.clamp(0, 1) if self.clip else x
+        return x.clamp(0, 1)

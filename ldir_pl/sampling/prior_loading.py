@@ -7,15 +7,17 @@ from typing import Any
 
 import torch
 
+from ldir_pl.errors import ConfigError, MissingPathError
+
 
 def resolve_prior(prior: Any, device: torch.device | str = "cpu", kind: str | None = None):
     """A ``PriorBundle`` on ``device``; paths are loaded with ``ldir_pl.models.bundle.load_prior``."""
     if prior is None:
-        raise ValueError("sampler.prior is not set: give the prior bundle folder (prior.path=...)")
+        raise ConfigError("sampler.prior is not set: give the prior bundle folder (prior.path=...)")
     if isinstance(prior, (str, Path)):
         path = Path(str(prior)).expanduser()
         if not path.exists():
-            raise FileNotFoundError(f"prior bundle not found: {path} (set prior.path / prior.pixel_path to the "
+            raise MissingPathError(f"prior bundle not found: {path} (set prior.path / prior.pixel_path to the "
                                     "folder written by training, the one holding ldir_prior.json)")
         from ldir_pl.models.bundle import load_prior  # lazy: keeps the sampling package import light
 
@@ -24,11 +26,11 @@ def resolve_prior(prior: Any, device: torch.device | str = "cpu", kind: str | No
         bundle = prior
     for attr in ("unet", "scheduler", "kind", "image_size"):
         if not hasattr(bundle, attr):
-            raise TypeError(f"sampler.prior: expected a bundle path or a PriorBundle, got {type(prior).__name__}")
+            raise ConfigError(f"sampler.prior: expected a bundle path or a PriorBundle, got {type(prior).__name__}")
     if kind is not None and bundle.kind != kind:
-        raise ValueError(f"this sampler needs a {kind!r} prior, but the bundle holds a {bundle.kind!r} prior")
+        raise ConfigError(f"this sampler needs a {kind!r} prior, but the bundle holds a {bundle.kind!r} prior")
     if bundle.kind == "latent" and bundle.vae is None:
-        raise ValueError("latent prior bundle has no VAE")
+        raise ConfigError("latent prior bundle has no VAE")
     bundle.to(device)
     bundle.unet.eval().requires_grad_(False)
     if bundle.vae is not None:

@@ -21,13 +21,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.loggers import WandbLogger
 
-from ldir_pl.cli import user_errors
-from ldir_pl.conf_dir import CONF_DIR
-from ldir_pl.prediction_writer import ReconstructionWriter
-from ldir_pl.report import format_table, summarize, write_csv, write_json
-from ldir_pl.sampling.configs import compose_sampler
-from ldir_pl.sampling.module import LDIRModule
-from ldir_pl.sweep_report import write_sweep_report
+from ldir_pl.apps.cli import user_errors
+from ldir_pl.apps.conf_dir import CONF_DIR
+from ldir_pl.apps.predict_module import LDIRModule
+from ldir_pl.apps.prediction_writer import ReconstructionWriter
+from ldir_pl.apps.report import format_table, summarize, write_csv, write_json
+from ldir_pl.apps.sampler_configs import compose_sampler
+from ldir_pl.apps.sweep_report import write_sweep_report
 
 log = logging.getLogger(__name__)
 
@@ -37,18 +37,21 @@ def sampler_config(name: str) -> dict:
     return OmegaConf.to_container(compose_sampler(name).sampler, resolve=False)
 
 
-def build_methods(cfg: DictConfig) -> dict:
-    """The main ``sampler`` plus the named ``baselines`` (each a file of ``conf/sampler/``)."""
+def build_methods(cfg: DictConfig) -> tuple[dict, str]:
+    """(name -> method, the main method's name): the named ``baselines`` (files of ``conf/sampler/``) first,
+    the main ``sampler`` last, so panels read left to right from the baselines to it. A baseline's config is
+    placed in this run's config before it is built, so ``${prior.path}``, ``${seed}`` and ``${tv}`` resolve
+    against this run (its physics, its data size)."""
     methods = {}
     for name in cfg.get("baselines") or []:
         root = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-        root._baseline = sampler_config(name)  # resolves ${prior.path}, ${seed}... against this run
+        root._baseline = sampler_config(name)
         method = instantiate(root._baseline)
         methods[method.name] = method
     main = instantiate(cfg.sampler)
     methods.pop(main.name, None)
-    methods[main.name] = main  # the main method last: panels read left to right, baselines first
-    return methods
+    methods[main.name] = main
+    return methods, main.name
 
 
 def collect(output_dir: Path, world_size: int) -> list[dict]:
@@ -72,13 +75,16 @@ def run(cfg: DictConfig) -> dict[str, dict]:
     physics = instantiate(cfg.physics)
     datamodule = instantiate(cfg.data)
     datamodule.attach_physics(physics)
-    methods = build_methods(cfg)  # priors load and are checked here, before any sampling
+    methods, main_name = build_methods(cfg)  # priors load and are checked here, before any sampling
     module = LDIRModule(methods, physics)
     logger = instantiate(cfg.logger) if cfg.get("logger") and cfg.logger.get("_target_") else False
     writer = ReconstructionWriter(out, cfg.num_panels, cfg.save_reconstructions)
     trainer = pl.Trainer(**cfg.trainer, logger=logger, callbacks=[writer], inference_mode=False,
                          enable_checkpointing=False, enable_model_summary=False)
-    trainer.predict(module, datamodule=datamodule, return_predictions=False)
+    if cfg.recon.volume:  # one volume per batch: NIfTI out, orthogonal panels, per-volume metrics
+        trainer.predict(module, dataloaders=datamodule.volume_dataloader(), return_predictions=False)
+    else:
+        trainer.predict(module, datamodule=datamodule, return_predictions=False)
     trainer.strategy.barrier()
     if trainer.global_rank != 0:
         return {}
@@ -87,7 +93,8 @@ def run(cfg: DictConfig) -> dict[str, dict]:
     summary = {m: summary[m] for m in methods if m in summary}  # baselines first, the main method last
     write_csv(rows, out / "metrics.csv")
     write_json(summary, out / "summary.json")
-    write_json({"physics": physics.describe(), "methods": list(methods), "world_size": trainer.world_size,
+    write_json({"physics": physics.describe(), "methods": list(methods), "main_method": main_name,
+                "world_size": trainer.world_size,
                 "torch_threads": torch.get_num_threads()}, out / "run_info.json")
     title = f"{type(datamodule).__name__}: {physics.label}"
     print(format_table(summary, title))
@@ -125,7 +132,7 @@ def main(cfg: DictConfig) -> float:
         summary = run(cfg)
     if sweeping and summary and cfg.physics.get("num_views") is not None:  # the joint table is over views
         write_sweep_report(Path(hydra_cfg.sweep.dir))
-    main_psnr = list(summary.values())[-1]["psnr"] if summary else None
+    main_psnr = summary.get(str(cfg.sampler.name), {}).get("psnr")  # what a sweep optimises
     return float("nan") if main_psnr is None else float(main_psnr)
 
 

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from ldir_pl.cli import user_errors
-from ldir_pl.conf_dir import CONF_DIR
+from ldir_pl.apps.cli import user_errors
+from ldir_pl.apps.conf_dir import CONF_DIR
+from ldir_pl.errors import ConfigError
 from ldir_pl.models.bundle import PriorBundle
 from ldir_pl.models.intensity import IntensityTransform
 
@@ -29,7 +30,7 @@ def pipeline(bundle: PriorBundle):
     from diffusers import DDIMPipeline, DDIMScheduler, LDMPipeline
 
     if bundle.transform != IntensityTransform():
-        raise ValueError(f"diffusers' pipelines map [-1, 1] to images; this prior uses {bundle.transform}")
+        raise ConfigError(f"diffusers' pipelines map [-1, 1] to images; this prior uses {bundle.transform}")
     scheduler = DDIMScheduler.from_config(bundle.scheduler.config, clip_sample=False, timestep_spacing="trailing")
     if bundle.kind == "latent":
         return LDMPipeline(vqvae=bundle.vae, unet=bundle.unet, scheduler=scheduler)
@@ -53,7 +54,7 @@ def sample(cfg: DictConfig) -> Path:
     from PIL import Image
 
     if int(cfg.num_images) < 1 or int(cfg.num_steps) < 1:
-        raise ValueError(f"num_images={cfg.num_images} and num_steps={cfg.num_steps} must be >= 1")
+        raise ConfigError(f"num_images={cfg.num_images} and num_steps={cfg.num_steps} must be >= 1")
     bundle = PriorBundle.from_pretrained(cfg.prior.path)
     device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto"
                                                                                else cfg.device)

@@ -13,7 +13,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import hydra
 import pytorch_lightning as pl
@@ -22,8 +22,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
-from ldir_pl.cli import user_errors
-from ldir_pl.conf_dir import CONF_DIR
+from ldir_pl.apps.cli import user_errors
+from ldir_pl.apps.conf_dir import CONF_DIR
+from ldir_pl.errors import ConfigError, MissingPathError
 from ldir_pl.models.bundle import save_prior
 from ldir_pl.models.intensity import DEFAULT as INTENSITY
 from ldir_pl.models.training import CKPT_KIND_KEY
@@ -31,11 +32,20 @@ from ldir_pl.models.training import CKPT_KIND_KEY
 log = logging.getLogger(__name__)
 
 STAGES = ("vae", "ldm", "pixel_ddpm", "prior")
-#: stage -> (model config key, checkpoint kind, default metric, metric mode)
+
+
+class Stage(NamedTuple):
+    model_key: str    # model.<key> in the config
+    kind: str         # the checkpoint kind its module writes
+    metric: str       # validation metric it reports (and checkpoints on) unless optimized_metric is set
+    mode: str         # max | min
+    seed_offset: int  # seed = cfg.seed + offset: each stage draws its own random stream
+
+
 STAGE_INFO = {
-    "vae": ("vae", "vae", "val/psnr", "max"),
-    "ldm": ("ldm", "latent", "val/loss", "min"),
-    "pixel_ddpm": ("pixel_ddpm", "pixel", "val/loss", "min"),
+    "vae": Stage("vae", "vae", "val/psnr", "max", 0),
+    "ldm": Stage("ldm", "latent", "val/loss", "min", 1),
+    "pixel_ddpm": Stage("pixel_ddpm", "pixel", "val/loss", "min", 2),
 }
 
 
@@ -45,7 +55,7 @@ def _plain(cfg: Any) -> Any:
 
 def stage_metric(cfg: DictConfig, stage: str) -> tuple[str, str]:
     """(metric, mode) a stage reports: ``optimized_metric`` if set, else the stage default."""
-    _, _, metric, mode = STAGE_INFO[stage]
+    metric, mode = STAGE_INFO[stage].metric, STAGE_INFO[stage].mode
     if cfg.get("optimized_metric"):
         metric = cfg.optimized_metric
         mode = cfg.get("optimized_mode") or ("max" if any(k in metric for k in ("psnr", "ssim")) else "min")
@@ -56,11 +66,11 @@ def checkpoint_kind(path: str | Path) -> str | None:
     """The ``ldir_kind`` stored in a Lightning checkpoint (read with ``weights_only=True``)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={path}: no such checkpoint file")
+        raise MissingPathError(f"ckpt_path={path}: no such checkpoint file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - re-raised naming the file
-        raise ValueError(f"ckpt_path={path}: not a readable torch checkpoint ({err})") from err
+        raise ConfigError(f"ckpt_path={path}: not a readable torch checkpoint ({err})") from err
     return ckpt.get(CKPT_KIND_KEY) if isinstance(ckpt, dict) else None
 
 
@@ -131,10 +141,10 @@ def _images_per_second(trainer: pl.Trainer, batch_size: int, seconds: float) -> 
 
 def fit_stage(cfg: DictConfig, stage: str, ckpt_path: str | None = None, **model_overrides: Any) -> dict:
     """Train one stage; returns ``{"module", "trainer", "metric", "value", "images_per_s", "seconds"}``."""
-    model_key, kind, _, _ = STAGE_INFO[stage]
+    model_key, kind = STAGE_INFO[stage].model_key, STAGE_INFO[stage].kind
     section = _stage_section(cfg, stage)
     stage_dir = Path(cfg.output_dir) / stage
-    pl.seed_everything(int(cfg.seed) + list(STAGE_INFO).index(stage), workers=True)
+    pl.seed_everything(int(cfg.seed) + STAGE_INFO[stage].seed_offset, workers=True)
 
     data_cfg = _merged(cfg.data, section.get("data"))
     model_cfg = OmegaConf.merge(cfg.model[model_key], model_overrides)
@@ -144,7 +154,7 @@ def fit_stage(cfg: DictConfig, stage: str, ckpt_path: str | None = None, **model
     if ckpt_path and ckpt_path != "last":
         found = checkpoint_kind(ckpt_path)
         if found != kind:
-            raise ValueError(f"ckpt_path={ckpt_path} holds a {found or 'non-ldir'} checkpoint; stage {stage!r} needs {kind!r}")
+            raise ConfigError(f"ckpt_path={ckpt_path} holds a {found or 'non-ldir'} checkpoint; stage {stage!r} needs {kind!r}")
     module = hydra.utils.instantiate(model_cfg, _convert_="all")
     datamodule = hydra.utils.instantiate(data_cfg, _convert_="all")
     logger = _logger(cfg, stage, stage_dir)
@@ -230,7 +240,7 @@ def run(cfg: DictConfig) -> tuple[Path, float]:
     """Run ``cfg.stage``; returns (main output folder, validation metric of the last stage)."""
     stage = cfg.stage
     if stage not in STAGES:
-        raise ValueError(f"stage={stage!r}: expected one of {STAGES}")
+        raise ConfigError(f"stage={stage!r}: expected one of {STAGES}")
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
     torch.set_float32_matmul_precision("high")
     ckpt = cfg.get("ckpt_path")
@@ -245,13 +255,13 @@ def run(cfg: DictConfig) -> tuple[Path, float]:
     else:  # prior: an explicit checkpoint resumes the stage of its kind
         kind = checkpoint_kind(ckpt) if ckpt and ckpt != "last" else None
         if kind not in (None, "vae", "latent"):
-            raise ValueError(f"ckpt_path={ckpt} holds a {kind!r} checkpoint; stage=prior resumes 'vae' or 'latent' ones")
+            raise ConfigError(f"ckpt_path={ckpt} holds a {kind!r} checkpoint; stage=prior resumes 'vae' or 'latent' ones")
         vae_ckpt = ckpt if ckpt == "last" or kind == "vae" else None
         ldm_ckpt = ckpt if ckpt == "last" or kind == "latent" else None
         vae_export = Path(cfg.stages.vae.export_dir)
         if kind == "latent":  # stage 1 is done; its export must exist
             if not vae_export.exists():
-                raise FileNotFoundError(f"resuming the latent stage needs the stage-1 VAE at {vae_export}")
+                raise MissingPathError(f"resuming the latent stage needs the stage-1 VAE at {vae_export}")
         else:
             vae_export = _run_vae(cfg, vae_ckpt, results)
         out = _run_diffusion(cfg, "ldm", ldm_ckpt, results, vae_path=str(vae_export))
@@ -290,14 +300,6 @@ def train_demo_prior(output_dir: str | Path, experiment: str = "demo", overrides
     return train_prior(cfg)
 
 
-def _check_conf_dir() -> None:
-    if not (CONF_DIR / "train.yaml").exists():
-        raise FileNotFoundError(
-            f"training configs not found at {CONF_DIR}: run from a checkout/editable install, "
-            "set LDIR_CONF_DIR, or pass --config-dir"
-        )
-
-
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def _hydra_main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
@@ -313,7 +315,6 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 def main() -> float | None:
     """Console-script entry point (``ldir-train``)."""
-    _check_conf_dir()
     return _hydra_main()
 
 

@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 from pytorch_lightning.callbacks import BasePredictionWriter
 
-from ldir_pl.report import rows_from_prediction, save_panel
+from ldir_pl.apps.report import rows_from_prediction, save_panel, save_volume_panel
+from ldir_pl.data.volumes import write_nifti
 
 
 class ReconstructionWriter(BasePredictionWriter):
-    """Rows to ``parts/rank{r}.jsonl``, PNG panels of the first ``num_panels`` images, optional ``.npy`` images."""
+    """Rows to ``parts/rank{r}.jsonl``, PNG panels of the first ``num_panels`` images, optional ``.npy`` images;
+    for volumes, ``volumes/<method>/<volume>.nii.gz`` (HU, the input's affine) and orthogonal-view panels."""
 
     def __init__(self, output_dir: str | Path, num_panels: int = 8, save_reconstructions: bool = True) -> None:
         super().__init__(write_interval="batch")
@@ -34,6 +36,9 @@ class ReconstructionWriter(BasePredictionWriter):
         with open(self.part_path(trainer.global_rank), "a") as f:
             for row in rows_from_prediction(prediction):
                 f.write(json.dumps(row) + "\n")
+        if prediction.get("volume") is not None:
+            self._write_volume(trainer, prediction)
+            return
         for i, image_id in enumerate(prediction["id"]):
             recons = {k: v[i, 0].numpy() for k, v in prediction["recon"].items()}
             if self.save_reconstructions:
@@ -46,3 +51,16 @@ class ReconstructionWriter(BasePredictionWriter):
                 metrics = {k: (m["psnr"][i], m["ssim"][i]) for k, m in prediction["metrics"].items()}
                 save_panel(self.out / "panels" / f"{image_id.replace('/', '_')}.png", image_id, truth, recons, metrics)
                 self._panels += 1
+
+    def _write_volume(self, trainer, prediction: dict) -> None:
+        vol = prediction["volume"]
+        if self.save_reconstructions:
+            for method, images in prediction["recon"].items():
+                write_nifti(self.out / "volumes" / method / f"{vol.name}.nii.gz", vol, images)
+        if trainer.global_rank == 0 and self._panels < self.num_panels:
+            truth = None if prediction["x"] is None else prediction["x"][:, 0].numpy()
+            recons = {k: v[:, 0].numpy() for k, v in prediction["recon"].items()}
+            metrics = {k: {m: v[0] for m, v in ms.items()} for k, ms in prediction["metrics"].items()}
+            save_volume_panel(self.out / "panels" / f"{vol.name.replace('/', '_')}.png", vol.name, truth, recons,
+                              vol.spacing, metrics)
+            self._panels += 1

@@ -12,7 +12,8 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from ldir_pl.report import plot_metric_vs_views, write_json
+from ldir_pl.apps.report import plot_metric_vs_views, write_json
+from ldir_pl.errors import MissingPathError
 
 Results = dict[str, dict[int, dict]]  # method -> num_views -> summary entry
 
@@ -64,7 +65,7 @@ def write_sweep_report(sweep_dir: Path, extra_rows: Mapping[str, Mapping[int, Ma
     sweep_dir = Path(sweep_dir)
     results = collect_sweep(sweep_dir)
     if not results:
-        raise FileNotFoundError(f"no finished jobs (summary.json + run_info.json) below {sweep_dir}")
+        raise MissingPathError(f"no finished jobs (summary.json + run_info.json) below {sweep_dir}")
     all_rows = {**results, **dict(extra_rows)}
     write_json({m: {str(v): e for v, e in bv.items()} for m, bv in all_rows.items()}, sweep_dir / "sweep_summary.json")
     (sweep_dir / "table.md").write_text(markdown_table(results, extra_rows))
