@@ -6,12 +6,10 @@ trials changed on exit, so the search leaves nothing behind but its decision.
 
 Logging during trials. ``training_step`` may call ``self.log``, which needs the fit loop's result
 collection and the module's current hook name. The collection already exists in ``on_fit_start``
-(``trainer.training`` is set and the fit loop built it with the trainer); the hook name is what was
-missing when the old code replaced ``pl_module.log`` with a no-op. Trials therefore call
-``training_step`` through the dispatchers Lightning's own loop uses (``trainer.call._call_strategy_hook``
-for a step through the strategy, ``_call_lightning_module_hook`` for the noise-scale halves that must
-bypass the DDP wrapper), which set and restore that name, so ``self.log`` runs its normal, validated
-path. On exit the result collection is reset with the same call ``Trainer`` makes right before
+(``trainer.training`` is set and the fit loop built it with the trainer); trials call ``training_step``
+through the dispatchers Lightning's own loop uses (``trainer.call._call_strategy_hook`` for a step through
+the strategy, ``_call_lightning_module_hook`` for the noise-scale halves that must bypass the DDP wrapper),
+which set and restore the hook name, so ``self.log`` runs its normal, validated path. On exit the result collection is reset with the same call ``Trainer`` makes right before
 ``strategy.setup`` (``_logger_connector.reset_results``): trial values never reach the loggers or the
 first epoch's aggregates. These are underscored Lightning functions (Lightning exposes no public way to
 run a step outside its loop; its own ``BatchSizeFinder`` instead re-runs ``fit_loop`` and swaps

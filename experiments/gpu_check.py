@@ -30,9 +30,8 @@ def steps(device: str, quick: bool) -> dict[str, tuple[list[str], int]]:
         return {
             "physics": ([f"{exp}/bench_physics.py", "--device", device, "--cases", "64x10", "--batch", "2",
                          "--reps", "1"], 120),
-            "sampler": ([f"{exp}/bench_sampler.py", "--device", device, "--image-size", "32", "--factor", "4",
-                         "--vae-base", "8", "--widths", "16", "32", "--steps", "2", "--views", "8", "--ldir-steps"],
-                        180),
+            "sampler": ([f"{exp}/bench_sampler.py", "--device", device, "--steps", "2", "--views", "8",
+                         "--ldir-steps"], 180),
             "swap": ([f"{exp}/bench_swap.py", "--device", device, "--models", "unet", "--batch", "2", "--size", "16",
                       "--steps", "1", "--warmup", "1", "--search-max", "8", "--trial-steps", "2"], 180),
         }
@@ -40,9 +39,8 @@ def steps(device: str, quick: bool) -> dict[str, tuple[list[str], int]]:
         "tests": (["-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", str(ROOT / "tests")], 150),
         "physics": ([f"{exp}/bench_physics.py", "--device", device, "--cases", "256x23,256x60,512x60",
                      "--batch", "8", "--reps", "5"], 60),
-        "sampler": ([f"{exp}/bench_sampler.py", "--device", device, "--image-size", "256", "--factor", "8",
-                     "--vae-base", "64", "--widths", "128", "256", "256", "512", "--layers", "2", "--steps", "50",
-                     "--views", "23", "--ldir-steps"], 90),
+        "sampler": ([f"{exp}/bench_sampler.py", "--device", device, "--views", "23", "--batch", "8",
+                     "--ldir-steps", "20", "50"], 90),
         "swap": ([f"{exp}/bench_swap.py", "--device", device, "--full", "--models", "unet,resnet152",
                   "--batch", "32", "--steps", "5", "--warmup", "2", "--search-max", "256", "--trial-steps", "4"], 180),
     }

@@ -18,6 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ablation import stamp  # noqa: E402
+
 
 def vae_fidelity(prior: str | Path, data_root: str, split: str) -> dict:
     """Mean PSNR / SSIM of decode(encode(x)) (posterior mean) on the split's slices, with n."""
@@ -56,10 +58,27 @@ def main() -> None:
         shutil.rmtree(dest / sub, ignore_errors=True)
     PriorBundle.from_pretrained(run / "prior").save_pretrained(dest, half=True)
     shutil.copy(run / "train_summary.json", dest / "train_summary.json")
+    meta = dest / "ldir_prior.json"  # the training config, with this machine's folders made relative
+    text = meta.read_text().replace(str(ROOT.parent / "shared"), "../shared").replace(str(ROOT) + "/", "")
+    meta.write_text(text)
     size = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
     fidelity = {"fp32": vae_fidelity(run / "prior", args.data_root, "test"),
                 "fp16": vae_fidelity(dest, args.data_root, "test")}
     (dest / "vae_fidelity.json").write_text(json.dumps(fidelity, indent=2) + "\n")
+    out = ROOT / "outputs" / "package_prior"
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = f"`python experiments/package_prior.py {' '.join(sys.argv[1:])}` ({stamp()})"
+    summary = json.loads((dest / "train_summary.json").read_text())
+    (out / "training.md").write_text("\n".join(
+        [f"Training of `{args.name}` ({size / 1e6:.1f} MB on disk); {cmd}", "",
+         "| stage | metric (validation patients) | minutes | images/s | torch threads |", "|---|---|---|---|---|"]
+        + [f"| {stage} | {', '.join(f'{k} {v:.4g}' for k, v in r.items() if k.startswith('val/'))} | "
+           f"{r['seconds'] / 60:.0f} | {r['images_per_s']:.1f} | {r.get('torch_threads', '-')} |"
+           for stage, r in summary.items()]) + "\n")
+    (out / "vae_fidelity.md").write_text("\n".join(
+        [f"decode(encode(x)) on the ct-dicom test patients; {cmd}", "", "| weights | PSNR | SSIM | n |",
+         "|---|---|---|---|"]
+        + [f"| {k} | {v['psnr']:.2f} | {v['ssim']:.3f} | {v['n']} |" for k, v in fidelity.items()]) + "\n")
     print(json.dumps({"folder": str(dest), "megabytes": size / 1e6, "vae_test": fidelity}, indent=2))
 
 

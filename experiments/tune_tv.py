@@ -41,6 +41,42 @@ def problems(args) -> list[tuple[str, list[str]]]:
     return [(p, [f"physics={p}"]) for p in args.physics]
 
 
+def study_volumes(views: int, args) -> dict:
+    """TV along z on the split's held-out volumes (``data=ct_volumes``, a centred slab): its weight grid, next to
+    slice-wise TV at the tuned weight, axial and coronal PSNR."""
+    from hydra.utils import instantiate
+
+    from ldir_pl.apps.sampler_configs import compose_sampler
+    from ldir_pl.metrics import volume_metrics
+    from ldir_pl.physics import VolumePhysics
+    from ldir_pl.sampling.tv import TVReconstructor
+
+    cfg = compose_sampler("tv", ["data=ct_volumes", f"paths.data_dir={Path(args.data_root).parent}",
+                                 f"data.slices={args.slab}", f"physics.num_views={views}"])
+    physics, dm = instantiate(cfg.physics), instantiate(cfg.data)
+    volumes = dm.volumes(args.split)
+    weight, tol, max_it = float(cfg.tv.weight), float(cfg.tv.tol), int(cfg.tv.max_iterations)
+
+    def run(w: float, along_z: bool) -> dict:
+        tv, ms, start = TVReconstructor(w, max_it, tol, along_z=along_z), [], time.perf_counter()
+        for vol in volumes:
+            vp = VolumePhysics(physics, vol.z_ratio)
+            ms.append(volume_metrics(tv.reconstruct(vp.measure(vol.images, vol.slice_ids), vp), vol.images))
+        n = sum(v.images.shape[0] for v in volumes)
+        return {"weight": w, "along_z": along_z, "psnr": sum(float(m["psnr"]) for m in ms) / len(ms),
+                "ssim": sum(float(m["ssim"]) for m in ms) / len(ms),
+                "psnr_coronal": sum(float(m["psnr_coronal"]) for m in ms) / len(ms),
+                "s_per_slice": (time.perf_counter() - start) / n}
+
+    rows = [run(weight, False)] + [run(w, True) for w in WEIGHTS["ct"]]
+    for r in rows:
+        print(f"{views} views, volumes: {'3-D' if r['along_z'] else '2-D'} TV {r['weight']:g}: {r['psnr']:.3f} / "
+              f"{r['ssim']:.4f}, coronal {r['psnr_coronal']:.3f}", flush=True)
+    best = max(rows[1:], key=lambda r: r["psnr"])
+    return {"problem": f"{views} views, volumes", "volumes": [v.name for v in volumes], "slab": args.slab,
+            "rows": rows, "best_weight": best["weight"]}
+
+
 def study(label: str, overrides: list[str], args) -> dict:
     """Convergence and the weight grid for one view count or operator."""
     import torch
@@ -98,11 +134,30 @@ def main() -> None:
     ap.add_argument("--physics", nargs="+", default=["parallel"])
     ap.add_argument("--views", type=int, nargs="+", default=[23, 10])
     ap.add_argument("--max-images", type=int, default=None)
+    ap.add_argument("--volumes", action="store_true", help="tune TV along z on the held-out volumes of the split")
+    ap.add_argument("--slab", type=int, default=32)
     ap.add_argument("--out", default="outputs/tune_tv")
     args = ap.parse_args()
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.volumes:
+        results = [study_volumes(v, args) for v in args.views]
+        md = [f"TV along z on the {args.split} volumes (centred {args.slab} slices; {stamp()}); "
+              f"`python experiments/tune_tv.py {' '.join(sys.argv[1:])}`", ""]
+        for r in results:
+            md += [f"**{r['problem']}** ({', '.join(r['volumes'])})", "", "| TV | weight | PSNR | SSIM | coronal PSNR |",
+                   "|---|---|---|---|---|"]
+            md += [f"| {'3-D' if x['along_z'] else '2-D'} | {x['weight']:g}"
+                   f"{' (best)' if x['along_z'] and x['weight'] == r['best_weight'] else ''} | {x['psnr']:.3f} | "
+                   f"{x['ssim']:.4f} | {x['psnr_coronal']:.3f} |" for x in r["rows"]]
+            md.append("")
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "tune_tv3d.json").write_text(json.dumps(results, indent=2) + "\n")
+        (out / "tune_tv3d.md").write_text("\n".join(md))
+        print("\n".join(md))
+        return
     results = [study(label, overrides, args) for label, overrides in problems(args)]
     (out / "tune_tv.json").write_text(json.dumps(results, indent=2) + "\n")
     md = [f"TV tuning on the {args.split} patients ({stamp()}); `python experiments/tune_tv.py "

@@ -21,6 +21,7 @@ RESULTS = ROOT / "docs" / "results"
 SOURCES = {
     "tune_tv": "outputs/tune_tv/tune_tv.md",
     "tune_tv_ops": "outputs/tune_tv_ops/tune_tv.md",
+    "tune_tv3d": "outputs/tune_tv3d/tune_tv3d.md",
     "sparse_view": "outputs/sparse_view_table/table.md",
     "ablation": "outputs/ablation/ablation.md",
     "ablation_val": "outputs/ablation_val/ablation.md",
@@ -29,6 +30,8 @@ SOURCES = {
     "volumes_val": "outputs/volume_table_val/volume_table.md",
     "profile": "outputs/profile_ldir/profile.md",
     "speed": "outputs/speed/speed.md",
+    "training": "outputs/package_prior/training.md",
+    "vae_fidelity": "outputs/package_prior/vae_fidelity.md",
 }
 BLOCK = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 DOCS = ["README.md", *(str(p.relative_to(ROOT)) for p in sorted((ROOT / "docs").glob("*.md"))),

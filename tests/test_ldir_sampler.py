@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.errors import InstantiationException, MissingConfigException
+from test_config_defaults import target_defaults
 from tiny import NOISE, SIZE, phantom, tiny_latent_bundle
 
 from ldir_pl.apps.sampler_configs import load_sampler
@@ -270,26 +271,6 @@ def test_tv_refinement_is_anchored_tv(ct_physics):
     assert free.min() >= 0 and free.max() <= 1
 
 
-def _target_defaults(node) -> list[tuple[str, str, object, object]]:
-    """(target, key, YAML value, Python default) for every key a ``_target_`` node sets that has a default."""
-    import importlib
-    import inspect
-
-    from omegaconf import DictConfig
-
-    out = []
-    if isinstance(node, DictConfig):
-        if "_target_" in node:
-            mod, _, cls = node._target_.rpartition(".")
-            params = inspect.signature(getattr(importlib.import_module(mod), cls)).parameters
-            for key, p in params.items():
-                if key in node and p.default is not inspect.Parameter.empty and not isinstance(node[key], DictConfig):
-                    out.append((node._target_, key, node[key], p.default))
-        for value in node.values():
-            out += _target_defaults(value)
-    return out
-
-
 @pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "sampler").glob("*.yaml")))
 def test_every_sampler_config_builds_and_python_defaults_equal_the_yaml(name, latent_bundle, ct_physics):
     from hydra import compose, initialize_config_dir
@@ -299,7 +280,7 @@ def test_every_sampler_config_builds_and_python_defaults_equal_the_yaml(name, la
         cfg = compose("reconstruct", [f"sampler={name}"])
     text = (CONF / "sampler" / f"{name}.yaml").read_text()
     if "defaults:\n  - guidance/update" in text or "defaults:" not in text:  # a root config: where defaults live
-        mismatched = [(t, k, v, d) for t, k, v, d in _target_defaults(cfg.sampler) if v != d]
+        mismatched = [(t, k, v, d) for t, k, v, d in target_defaults(cfg.sampler) if v != d]
         assert not mismatched, mismatched
     s = load_sampler(name, prior=tiny_pixel_bundle() if name == "pixel_dps" else latent_bundle,
                      overrides=["tv.max_iterations=20"]

@@ -26,7 +26,8 @@ def compose_sampler(name: str, overrides: Sequence[str] = ()) -> DictConfig:
 
 
 #: overrides that address the reconstruct config's root rather than ``sampler``
-ROOT_KEYS = ("sampler/", "seed=", "prior.", "tv.", "tv_weights.", "physics.", "physics/", "data.")
+ROOT_KEYS = ("sampler/", "seed=", "prior.", "prior=", "tv.", "tv_weights.", "physics.", "physics=", "physics/", "data.",
+             "data=", "paths.", "recon.")
 
 
 def load_sampler(name: str, prior: Any = None, overrides: Sequence[str] = ()) -> Any:

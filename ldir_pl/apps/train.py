@@ -267,9 +267,11 @@ def run(cfg: DictConfig) -> tuple[Path, float]:
         out = _run_diffusion(cfg, "ldm", ldm_ckpt, results, vae_path=str(vae_export))
     last = results[list(results)[-1]]
     if last["trainer"].is_global_zero:  # what a sweep or a reader compares, without parsing logs
-        summary = {s: {r["metric"]: r["value"], "seconds": r["seconds"], "images_per_s": r["images_per_s"]}
-                   for s, r in results.items()}
-        (Path(cfg.output_dir) / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        path = Path(cfg.output_dir) / "train_summary.json"
+        summary = json.loads(path.read_text()) if path.is_file() else {}  # a stage run alone adds to the others
+        summary.update({s: {r["metric"]: r["value"], "seconds": r["seconds"], "images_per_s": r["images_per_s"],
+                            "torch_threads": torch.get_num_threads()} for s, r in results.items()})
+        path.write_text(json.dumps(summary, indent=2) + "\n")
     return out, last["value"]
 
 
@@ -292,12 +294,6 @@ def compose_config(overrides: Sequence[str] = (), return_hydra_config: bool = Fa
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides), return_hydra_config=return_hydra_config)
-
-
-def train_demo_prior(output_dir: str | Path, experiment: str = "demo", overrides: Sequence[str] = ()) -> Path:
-    """Train a demo experiment's prior into ``output_dir``; returns ``output_dir/prior``."""
-    cfg = compose_config([f"experiment={experiment}", f"output_dir={Path(output_dir).resolve()}", *overrides])
-    return train_prior(cfg)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")

@@ -12,7 +12,9 @@ network-space pixels for a pixel prior) and D its decoder (identity for a pixel 
 noised with ``scheduler.add_noise`` to the first timestep of the plan's last ``num_steps`` steps (the img2img
 strength slicing of diffusers). The guidance's ``final_steps`` continue the history update on the clean
 latent after t = 0, ``num_samples`` average several samples (a Monte-Carlo posterior mean), and ``refine``
-takes the result onto the data in pixel space.
+takes the result onto the data in pixel space. ``num_steps: 0`` (with a warm start) skips the UNet: the
+encoded warm image goes straight to the final steps. On volumes, ``consistency`` moves the decoded clean
+estimates of all slices onto the data, coupled along z, before each DDIM update (the DDS form).
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ from ldir_pl.sampling.warm_start import WarmStart
 
 @dataclass
 class SampleOutput:
-    """Decoded samples (averaged over ``num_samples``, not refined) and the per-image misfit at every guided step
-    of the last chunk, DDIM steps first, then the final steps."""
+    """Decoded samples (averaged over ``num_samples``, not refined) and the misfit of every latent at every guided
+    step, DDIM steps first, then the final steps."""
 
     images: Tensor
     losses: list[Tensor]
