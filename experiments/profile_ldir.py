@@ -50,8 +50,9 @@ def main() -> None:
     from ldir_pl.apps.sampler_configs import compose_sampler, load_sampler
 
     base = ["data=dicom", f"data.root={args.data_root}", "data.predict_split=val", f"data.max_images={args.images}",
-            f"physics.num_views={args.views}", "progress=false", *([f"prior.path={args.prior}"] if args.prior else [])]
+            f"physics.num_views={args.views}", *([f"prior.path={args.prior}"] if args.prior else [])]
     cfg = compose_sampler("ldir", base)
+    base.append("progress=false")
     physics, dm = instantiate(cfg.physics), instantiate(cfg.data)
     items = dm.items("val")
     ids = [i for i, _ in items]
