@@ -76,7 +76,7 @@ def run_one(args: argparse.Namespace) -> dict:
     dev = torch.device(args.device)
     latent = packaged_or_random(args.random)
     size = latent.image_size
-    steps = [] if args.steps is None else [f"num_steps={args.steps}"]
+    steps = ([] if args.steps is None else [f"num_steps={args.steps}"]) + list(args.overrides)
     if args.method == "pixel_dps":
         widths = list(latent.unet.config.block_out_channels)
         unet = build_unet(size, 1, widths, layers_per_block=latent.unet.config.layers_per_block,
@@ -136,6 +136,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false")
     ap.add_argument("--method", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("overrides", nargs="*", help="sampler overrides for every run (after --), e.g. tv.max_iterations=50")
     args = ap.parse_args()
     if args.method:  # child
         print("RESULT " + json.dumps(run_one(args)), flush=True)
@@ -145,7 +146,7 @@ def main() -> None:
         cmd = [sys.executable, os.path.abspath(__file__), "--method", method, "--views", str(args.views),
                "--batch", str(args.batch), "--device", args.device, "--threads", str(args.threads),
                *(["--steps", str(steps)] if steps is not None else []), *(["--random"] if args.random else []),
-               *([] if args.warmup else ["--no-warmup"])]
+               *([] if args.warmup else ["--no-warmup"]), "--", *args.overrides]
         out = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
         if out.returncode or not lines:
@@ -156,7 +157,7 @@ def main() -> None:
         return res
 
     print(f"{args.views} views, device {args.device}, batch {args.batch}, each method at its defaults"
-          + (f", {args.steps} steps" if args.steps else ""))
+          + (f", {args.steps} steps" if args.steps else "") + "".join(f", {o}" for o in args.overrides))
     ldir = child("ldir", args.steps)
     dps = child("pixel_dps", args.steps)
     sweep = {s: child("ldir", s) for s in args.ldir_steps}

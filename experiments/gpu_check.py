@@ -31,7 +31,7 @@ def steps(device: str, quick: bool) -> dict[str, tuple[list[str], int]]:
             "physics": ([f"{exp}/bench_physics.py", "--device", device, "--cases", "64x10", "--batch", "2",
                          "--reps", "1"], 120),
             "sampler": ([f"{exp}/bench_sampler.py", "--device", device, "--steps", "2", "--views", "8",
-                         "--ldir-steps"], 180),
+                         "--ldir-steps", "--", "tv.max_iterations=20"], 180),
             "swap": ([f"{exp}/bench_swap.py", "--device", device, "--models", "unet", "--batch", "2", "--size", "16",
                       "--steps", "1", "--warmup", "1", "--search-max", "8", "--trial-steps", "2"], 180),
         }

@@ -29,7 +29,8 @@ SOURCES = {
     "volumes": "outputs/volume_table/volume_table.md",
     "volumes_val": "outputs/volume_table_val/volume_table.md",
     "profile": "outputs/profile_ldir/profile.md",
-    "speed": "outputs/speed/speed.md",
+    "speed": "outputs/tune_sampler/speed.md",
+    "speed_final30": "outputs/tune_sampler_final30/speed.md",
     "training": "outputs/package_prior/training.md",
     "vae_fidelity": "outputs/package_prior/vae_fidelity.md",
 }

@@ -55,6 +55,14 @@ def packaged_prior_path(name: str) -> str:
     return str(ROOT / name)
 
 
-for _name, _fn in (("tv_weight", tv_weight), ("packaged_prior", packaged_prior_path)):
+def by_device(cpu: int, cuda: int) -> int:
+    """``${by_device:2,8}``: the first value on a CPU-only machine, the second where CUDA is available (e.g. the
+    batch that is fastest per image on each)."""
+    import torch
+
+    return cuda if torch.cuda.is_available() else cpu
+
+
+for _name, _fn in (("tv_weight", tv_weight), ("packaged_prior", packaged_prior_path), ("by_device", by_device)):
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _fn)

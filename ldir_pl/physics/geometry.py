@@ -90,7 +90,7 @@ class CTGeometry:
 
     # ------------------------------------------------------------------ ODL objects
     def odl_space(self, unit_weighting: bool = True) -> odl.DiscretizedSpace:
-        """Image space; unit weighting makes ODL's adjoint the plain matrix transpose (PITFALLS.md)."""
+        """Image space; unit weighting makes ODL's adjoint the plain matrix transpose."""
         kwargs = {"weighting": 1.0} if unit_weighting else {}
         e = float(self.extent)
         return odl.uniform_discr([-e, -e], [e, e], self.image_shape, dtype="float32", **kwargs)
