@@ -83,7 +83,7 @@ def evaluate(views: int, common: list[str], args) -> dict:
         res = torch.cat([fn(y[i:i + batch], ids[i:i + batch], i) for i in range(0, len(ids), batch)])
         return res.clamp(0, 1), (time.perf_counter() - start) / len(ids)
 
-    tv = load_sampler("tv", overrides=over)
+    tv = load_sampler("tv", overrides=over[:-1])  # TV shows no progress bar
     ldir = load_sampler("ldir", overrides=over)
     anchored = ldir.refine
     rows: dict[str, tuple[torch.Tensor, float]] = {}
