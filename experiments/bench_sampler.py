@@ -94,7 +94,7 @@ def run_one(args: argparse.Namespace) -> dict:
     x = (0.3 * ((xx**2 + yy**2) < 0.6)).float()[None, None].repeat(args.batch, 1, 1, 1).to(dev)
     ids = list(range(args.batch))
     y = physics.measure(x, ids)
-    n_params = sum(p.numel() for p in unet.parameters())
+    n_params = sum(p.numel() for p in bundle.unet.parameters())
     if args.warmup:
         load_sampler(config[0], bundle, [*config[1], "num_steps=1"]).reconstruct(y, physics, ids)
     if dev.type == "cuda":
