@@ -79,6 +79,7 @@ def main() -> None:
                 "gradient w.r.t. z0": ["guidance.wrt=z0"], "no guidance": ["guidance.step_size.lr=0",
                                                                             "guidance.final_steps=0"]}
     runs = {}
+    load_sampler("ldir", overrides=[*base, *args.overrides]).reconstruct(y[:b], physics, ids[:b])  # warm-up
     for name, extra in variants.items():
         sampler = load_sampler("ldir", overrides=[*base, *args.overrides, *extra])
         start = time.perf_counter()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -46,8 +45,9 @@ def main() -> None:
     if not args.check:
         RESULTS.mkdir(parents=True, exist_ok=True)
         for name, src in SOURCES.items():
-            if (ROOT / src).is_file():
-                shutil.copy(ROOT / src, RESULTS / f"{name}.md")
+            if (ROOT / src).is_file():  # paths of this checkout become relative ones
+                text = (ROOT / src).read_text().replace(str(ROOT) + "/", "")
+                (RESULTS / f"{name}.md").write_text(text)
     stale = []
     for doc in DOCS:
         path = ROOT / doc

@@ -91,7 +91,8 @@ class NiftiDataModule(SliceDataModule):
         both = set(self.val_volumes) & set(self.test_volumes)
         if both:
             raise ConfigError(f"data.val_volumes and data.test_volumes share {sorted(both)}")
-        self._volumes: dict[str, Volume] | None = None
+        self._volumes: dict[str, Volume] | None = None  # as read, until cut to the slab and resized
+        self._cut: set[str] = set()
         self._split: dict[str, set[str]] = {}
 
     def setup(self, stage: str | None = None) -> None:
@@ -102,7 +103,7 @@ class NiftiDataModule(SliceDataModule):
         for path in list_volumes(root):
             vol = read_nifti(path)
             name = str(path.relative_to(root).parent / vol.name)
-            volumes[name] = replace(vol, name=name).slab(self.slices).resized(self.image_size)
+            volumes[name] = replace(vol, name=name)
         self._volumes = volumes
         named = {**{v: "val" for v in self.val_volumes}, **{v: "test" for v in self.test_volumes}}
         missing = sorted(set(named) - set(volumes))
@@ -118,7 +119,12 @@ class NiftiDataModule(SliceDataModule):
                  len(self._split["val"]), len(self._split["test"]))
 
     def volumes(self, split: str) -> list[Volume]:
+        """The split's volumes, cut to ``slices`` and resized; only the volumes used are cut, so a slab longer
+        than a volume of another split is no error."""
         self.setup()
+        for name in self._split[split] - self._cut:
+            self._volumes[name] = self._volumes[name].slab(self.slices).resized(self.image_size)
+            self._cut.add(name)
         return [v for name, v in self._volumes.items() if name in self._split[split]]
 
     def _items(self, split: str) -> list[Item]:
