@@ -207,3 +207,15 @@ def test_nifti_data_module_slab_and_volumes(tmp_path):
     assert [i for i, _ in dm.items("train")] == ["a/0002", "a/0003", "a/0004"]
     (vol,) = dm.volumes("train")
     assert vol.images.shape[0] == 3 and vol.first == 2
+
+
+def test_centred_slab_cuts_only_the_split_it_serves(tmp_path):
+    """A held-out volume's slab may be longer than a training volume; only a volume that is served and too
+    short is refused, naming the file."""
+    write_volume(tmp_path / "long.nii.gz", phantom_hu(12, 32))
+    write_volume(tmp_path / "short.nii.gz", phantom_hu(4, 32))
+    dm = NiftiDataModule(root=str(tmp_path), image_size=32, val_fraction=0.0, test_volumes=["long"], slices=8)
+    (vol,) = dm.volumes("test")
+    assert vol.images.shape[0] == 8 and vol.first == 2
+    with pytest.raises(Exception, match="short"):
+        dm.volumes("train")
