@@ -42,7 +42,9 @@ def test_contract(method, kind):
     assert out.shape == x.shape and torch.isfinite(out).all()
     assert out.min() >= 0 and out.max() <= 1
     again = recon.reconstruct(y[[2, 1]], physics, ["c", "b"])  # other batch, other order
-    assert torch.allclose(again, out[[2, 1]], atol=1e-5)
+    # the same noise and steps per image: only the summation order of batched network calls differs, which 100
+    # ancestral DPS steps amplify to ~2e-5 on a few pixels; a seeding or ordering bug moves whole images by >1e-2
+    assert torch.allclose(again, out[[2, 1]], atol=1e-4)
 
 
 class _Measurements(torch.utils.data.Dataset):
