@@ -76,14 +76,15 @@ def evaluate(views: int, common: list[str], args) -> dict:
     x = torch.stack([load() for _, load in items])
     y = physics.measure(x, ids)
     batch = args.batch or int(cfg.data.predict_batch_size or cfg.data.batch_size)
-    over = [*common, f"physics.num_views={views}", "progress=false"]
+    tv_over = [*common, f"physics.num_views={views}"]
+    over = [*tv_over, "progress=false"]  # LDIR's progress bar off; TV has none
 
     def run(fn) -> tuple[torch.Tensor, float]:
         start = time.perf_counter()
         res = torch.cat([fn(y[i:i + batch], ids[i:i + batch], i) for i in range(0, len(ids), batch)])
         return res.clamp(0, 1), (time.perf_counter() - start) / len(ids)
 
-    tv = load_sampler("tv", overrides=over[:-1])  # TV shows no progress bar
+    tv = load_sampler("tv", overrides=tv_over)
     ldir = load_sampler("ldir", overrides=over)
     anchored = ldir.refine
     rows: dict[str, tuple[torch.Tensor, float]] = {}
