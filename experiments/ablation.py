@@ -64,7 +64,7 @@ def evaluate(views: int, common: list[str], args) -> dict:
     import torch
     from hydra.utils import instantiate
 
-    from ldir_pl.apps.sampler_configs import compose_sampler, load_sampler
+    from ldir_pl.config import compose_sampler, load_sampler
     from ldir_pl.metrics import image_metrics
     from ldir_pl.sampling.refine import AnchoredTV
 
@@ -75,7 +75,7 @@ def evaluate(views: int, common: list[str], args) -> dict:
     patients = [dm.patient_of(i) for i in ids]
     x = torch.stack([load() for _, load in items])
     y = physics.measure(x, ids)
-    batch = args.batch or int(cfg.data.predict_batch_size or cfg.data.batch_size)
+    batch = args.batch or int(cfg.data.batch_size)
     tv_over = [*common, f"physics.num_views={views}"]
     over = [*tv_over, "progress=false"]  # LDIR's progress bar off; TV has none
 
@@ -142,12 +142,14 @@ def main() -> None:
     ap.add_argument("--extra", action="append", default=[], help="NAME=hydra overrides of a further LDIR row")
     ap.add_argument("--skip-paper", action="store_true", help="leave out the ldir_paper row (slow)")
     ap.add_argument("--out", default="outputs/ablation")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for every row (after --), e.g. tv.max_iterations=50")
     args = ap.parse_args()
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     common = ["data=dicom", f"data.root={args.data_root}", f"data.predict_split={args.split}",
-              f"data.max_images={args.max_images or 'null'}"] + ([f"prior.path={args.prior}"] if args.prior else [])
+              f"data.max_images={args.max_images or 'null'}"] + ([f"prior.path={args.prior}"] if args.prior else []) \
+        + list(args.overrides)
     results = {}
     for views in args.views:
         results[views] = evaluate(views, common, args)

@@ -49,9 +49,9 @@ def reconstruct(args, prior: Path, out: Path, extra: list[str], threads: int | N
         env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, "-m", "ldir_pl.apps.reconstruct", "data=phantom", f"data.image_size={args.size}",
            f"data.num_test={args.images}", "data.batch_size=2", "physics.num_views=23", "sampler=ldir",
-           f"sampler.num_steps={args.steps}", "sampler.guidance.final_steps=0", "sampler.refine=null", "sampler.progress=false",
+           f"sampler.num_steps={args.steps}", "sampler.guidance.final_steps=0", "sampler.refine=null", "progress=false",
            f"prior.path={prior}", "baselines=[]", "num_panels=0", "save_reconstructions=false",
-           "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", f"output_dir={out}", *extra]
+           "trainer.accelerator=cpu", f"output_dir={out}", *extra]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 

@@ -43,7 +43,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cache:
         for case in args.cases.split(","):
             size, views = (int(v) for v in case.split("x"))
-            g = CTGeometry(kind="parallel", num_views=views, image_size=size)
+            g = CTGeometry(beam="parallel", num_views=views, image_size=size)
             t0 = time.perf_counter()
             load_system_matrix(g, cache)
             export = time.perf_counter() - t0

@@ -65,7 +65,7 @@ def run_one(args: argparse.Namespace) -> dict:
     import torch
     from diffusers import DDPMScheduler
 
-    from ldir_pl.apps.sampler_configs import load_sampler
+    from ldir_pl.config import load_sampler
     from ldir_pl.models.bundle import PriorBundle
     from ldir_pl.models.latent_diffusion import build_unet
     from ldir_pl.physics import CTPhysics, GaussianNoise
@@ -88,7 +88,7 @@ def run_one(args: argparse.Namespace) -> dict:
         bundle = latent
         config = ("ldir", [*steps, "progress=false"])
     sampler = load_sampler(config[0], bundle, config[1]).to(dev)
-    physics = CTPhysics(kind="parallel", num_views=args.views, image_size=size, noise=GaussianNoise(relative=0.01))
+    physics = CTPhysics(beam="parallel", num_views=args.views, image_size=size, noise=GaussianNoise(relative=0.01))
     physics.to(dev)
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
     x = (0.3 * ((xx**2 + yy**2) < 0.6)).float()[None, None].repeat(args.batch, 1, 1, 1).to(dev)

@@ -68,12 +68,20 @@ def pytest_counts(text: str) -> dict:
     return counts
 
 
+def child_env() -> dict[str, str]:
+    """The environment of every step: the project and its tests put in front of the user's own PYTHONPATH (which
+    may hold the packages of a machine without network access), never in its place."""
+    ours = [str(ROOT / "tests"), str(ROOT)]
+    theirs = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(ours + theirs)}
+
+
 def run_step(name: str, argv: list[str], limit: int) -> dict:
     t0 = time.perf_counter()
     print(f"[gpu-check] {name}: {' '.join(argv[-12:])} (limit {limit} s)", file=sys.stderr, flush=True)
     try:
         proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=limit,
-                              env={**os.environ, "PYTHONPATH": str(ROOT / "tests") + os.pathsep + str(ROOT)})
+                              env=child_env())
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         return {"status": "timeout", "seconds": round(time.perf_counter() - t0, 1), "log_tail": out[-1500:]}

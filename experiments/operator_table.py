@@ -25,13 +25,10 @@ from ablation import stamp  # noqa: E402
 
 
 def job(overrides: list[str], out: Path) -> dict:
-    from hydra import compose, initialize_config_dir
-
-    from ldir_pl.apps.conf_dir import CONF_DIR
     from ldir_pl.apps.reconstruct import run
+    from ldir_pl.config import compose
 
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("reconstruct", [*overrides, f"output_dir={out}"])
+    cfg = compose("reconstruct", [*overrides, f"output_dir={out}"])
     return run(cfg), float(cfg.tv.weight)
 
 
@@ -47,8 +44,8 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     data = ["data=dicom", f"data.root={args.data_root}", f"data.predict_split={args.split}",
-            f"data.max_images={args.max_images or 'null'}", "trainer.enable_progress_bar=false", "num_panels=2",
-            "sampler.progress=false"] + ([f"prior.path={args.prior}"] if args.prior else [])
+            f"data.max_images={args.max_images or 'null'}", "progress=false", "num_panels=2",
+            ] + ([f"prior.path={args.prior}"] if args.prior else [])
     table = {}
     for name in args.physics:
         summary, weight = job([*data, f"physics={name}", "sampler=ldir", "baselines=[pinv,tv]", *args.extra],

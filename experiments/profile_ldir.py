@@ -47,10 +47,11 @@ def main() -> None:
     import torch
     from hydra.utils import instantiate
 
-    from ldir_pl.apps.sampler_configs import compose_sampler, load_sampler
+    from ldir_pl.config import ROOT_KEYS, compose_sampler, load_sampler
 
     base = ["data=dicom", f"data.root={args.data_root}", "data.predict_split=val", f"data.max_images={args.images}",
-            f"physics.num_views={args.views}", *([f"prior.path={args.prior}"] if args.prior else [])]
+            f"physics.num_views={args.views}", *([f"prior.path={args.prior}"] if args.prior else []),
+            *(o for o in args.overrides if o.startswith(ROOT_KEYS))]  # data / physics settings: the data too
     cfg = compose_sampler("ldir", base)
     base.append("progress=false")
     physics, dm = instantiate(cfg.physics), instantiate(cfg.data)

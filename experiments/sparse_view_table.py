@@ -30,18 +30,16 @@ sys.path.insert(0, str(ROOT))
 def vae_fidelity(prior: str, data_root: str, split: str, max_images: int | None, views: list[int]) -> dict:
     """PSNR/SSIM of decode(encode(x)) on the evaluated images (posterior mean, no sampling)."""
     import torch
-    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from ldir_pl.apps.conf_dir import CONF_DIR
+    from ldir_pl.config import compose
     from ldir_pl.metrics import image_metrics
     from ldir_pl.models.bundle import PriorBundle
 
     sampler = PriorBundle.from_pretrained(prior)  # the bundle's own encode/decode and transforms
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):  # the app's data config: the same split
-        cfg = compose("reconstruct", overrides=[
-            "data=dicom", f"data.root={data_root}", f"data.image_size={int(sampler.image_size)}",
-            f"data.max_images={'null' if max_images is None else max_images}"])
+    cfg = compose("reconstruct", [  # the app's data config: the same split
+        "data=dicom", f"data.root={data_root}", f"data.image_size={int(sampler.image_size)}",
+        f"data.max_images={'null' if max_images is None else max_images}"])
     items = instantiate(cfg.data).items(split)
     psnr, ssim = [], []
     with torch.no_grad():

@@ -30,12 +30,12 @@ def evaluate(views: int, candidates: list[tuple[str, list[str]]], args) -> list[
     import torch
     from hydra.utils import instantiate
 
-    from ldir_pl.apps.sampler_configs import compose_sampler, load_sampler
+    from ldir_pl.config import compose_sampler, load_sampler
     from ldir_pl.metrics import image_metrics
 
     base = ["data=dicom", f"data.root={args.data_root}", f"data.predict_split={args.split}",
             f"data.max_images={args.max_images or 'null'}", f"physics.num_views={views}",
-            *([f"prior.path={args.prior}"] if args.prior else [])]
+            *([f"prior.path={args.prior}"] if args.prior else []), *args.overrides]
     cfg = compose_sampler("fbp", base)
     physics, dm = instantiate(cfg.physics), instantiate(cfg.data)
     items = dm.items(args.split)
@@ -46,7 +46,7 @@ def evaluate(views: int, candidates: list[tuple[str, list[str]]], args) -> list[
     for name, over in [("fbp", ["sampler=fbp"]), ("tv", ["sampler=tv"]), *candidates]:
         group = [o.split("=", 1)[1] for o in over if o.startswith("sampler=")] or ["ldir"]
         method = load_sampler(group[0], overrides=[*base, *(o for o in over if not o.startswith("sampler=")),
-                                                   *(["progress=false"] if group[0] not in ("fbp", "tv") else [])])
+                                                   "progress=false"])
         start = time.perf_counter()
         out = torch.cat([method.reconstruct(y[i:i + args.batch], physics, ids[i:i + args.batch])
                          for i in range(0, len(ids), args.batch)])
@@ -67,6 +67,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2, help="slices per call")
     ap.add_argument("--candidate", action="append", default=[], help="NAME=OVERRIDES; repeat the flag")
     ap.add_argument("--out", default="outputs/tune_sampler")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for every setting (after --)")
     args = ap.parse_args()
     candidates = []
     for spec in args.candidate or ["default="]:

@@ -46,13 +46,13 @@ def study_volumes(views: int, args) -> dict:
     slice-wise TV at the tuned weight, axial and coronal PSNR."""
     from hydra.utils import instantiate
 
-    from ldir_pl.apps.sampler_configs import compose_sampler
+    from ldir_pl.config import compose_sampler
     from ldir_pl.metrics import volume_metrics
     from ldir_pl.physics import VolumePhysics
     from ldir_pl.sampling.tv import TVReconstructor
 
     cfg = compose_sampler("tv", ["data=ct_volumes", f"paths.data_dir={Path(args.data_root).parent}",
-                                 f"data.slices={args.slab}", f"physics.num_views={views}"])
+                                 f"data.slices={args.slab}", f"physics.num_views={views}", *args.overrides])
     physics, dm = instantiate(cfg.physics), instantiate(cfg.data)
     volumes = dm.volumes(args.split)
     weight, tol, max_it = float(cfg.tv.weight), float(cfg.tv.tol), int(cfg.tv.max_iterations)
@@ -82,19 +82,19 @@ def study(label: str, overrides: list[str], args) -> dict:
     import torch
     from hydra.utils import instantiate
 
-    from ldir_pl.apps.sampler_configs import compose_sampler
+    from ldir_pl.config import compose_sampler
     from ldir_pl.metrics import image_metrics
     from ldir_pl.sampling.tv import TVReconstructor
 
     cfg = compose_sampler("tv", ["data=dicom", f"data.root={args.data_root}", f"data.predict_split={args.split}",
-                                 f"data.max_images={args.max_images or 'null'}", *overrides])
+                                 f"data.max_images={args.max_images or 'null'}", *overrides, *args.overrides])
     physics, dm = instantiate(cfg.physics), instantiate(cfg.data)
     items = dm.items(args.split)
     ids = [i for i, _ in items]
     x = torch.stack([load() for _, load in items])
     y = physics.measure(x, ids)
     weight, tol, max_it = float(cfg.tv.weight), float(cfg.tv.tol), int(cfg.tv.max_iterations)
-    kind = type(physics).kind
+    kind = type(physics).family
 
     def run(w: float, t: float, iters: int = max_it) -> dict:
         start = time.perf_counter()
@@ -137,6 +137,7 @@ def main() -> None:
     ap.add_argument("--volumes", action="store_true", help="tune TV along z on the held-out volumes of the split")
     ap.add_argument("--slab", type=int, default=32)
     ap.add_argument("--out", default="outputs/tune_tv")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
     args = ap.parse_args()
 
     out = Path(args.out)

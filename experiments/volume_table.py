@@ -46,8 +46,8 @@ def main() -> None:
         folder = out / f"views_{views}"
         job(["data=ct_volumes", f"paths.data_dir={args.data_dir}", f"data.predict_split={args.split}",
              f"data.slices={args.slab}", "recon.volume=true", f"physics.num_views={views}",
-             f"sampler={main_method}", f"baselines=[{','.join(baselines)}]", "trainer.enable_progress_bar=false",
-             "sampler.progress=false", *([f"prior.path={args.prior}"] if args.prior else []), *args.extra], folder)
+             f"sampler={main_method}", f"baselines=[{','.join(baselines)}]",
+             "progress=false", *([f"prior.path={args.prior}"] if args.prior else []), *args.extra], folder)
         with open(folder / "metrics.csv") as f:
             results[views] = list(csv.DictReader(f))
     (out / "volume_table.json").write_text(json.dumps(results, indent=2) + "\n")

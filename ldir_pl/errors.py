@@ -24,4 +24,15 @@ class MissingPathError(InputError, FileNotFoundError):
     """A file or folder the user named does not exist."""
 
 
-__all__ = ["ConfigError", "DataError", "InputError", "MissingPathError"]
+def as_int(value: object, setting: str) -> int:
+    """``value`` as a whole number, or a ``ConfigError`` naming ``setting`` (``physics.num_views=abc``)."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+        if isinstance(value, bool) or number != int(number):
+            raise ValueError
+        return int(number)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{setting}={value!r}: expected a whole number") from None
+
+
+__all__ = ["ConfigError", "DataError", "InputError", "MissingPathError", "as_int"]

@@ -4,8 +4,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from ldir_pl.config import register_resolvers
+
 SHARED_DICOM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ct-dicom"
 
+register_resolvers()  # tests compose conf/ with Hydra's own API too
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS for bit-identical GPU tests
 # OMP_NUM_THREADS=1 when the suite shares the machine with a training run
@@ -39,7 +42,7 @@ def ct_physics():
     """Parallel beam, 8 views, 32x32, 1% Gaussian noise."""
     from ldir_pl.physics import CTPhysics, GaussianNoise
 
-    return CTPhysics(kind="parallel", num_views=8, image_size=32, noise=GaussianNoise(relative=0.01))
+    return CTPhysics(beam="parallel", num_views=8, image_size=32, noise=GaussianNoise(relative=0.01))
 
 
 @pytest.fixture

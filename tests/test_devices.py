@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks import BatchSizeLRSearch, SwapOutCallback
-from ldir_pl.apps.sampler_configs import load_sampler
+from ldir_pl.config import load_sampler
 from ldir_pl.metrics import image_metrics
 from ldir_pl.physics import CTPhysics, GaussianNoise
 from ldir_pl.physics.ray_transform import RayTransform

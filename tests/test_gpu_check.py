@@ -32,3 +32,9 @@ def test_pytest_summary_and_missing_gpu():
     assert gpu_check.last_json('noise\n{"a": 1}\n') == {"a": 1}
     if not torch.cuda.is_available():  # a clear message and exit status 2, not a crash mid-benchmark
         assert gpu_check.main(["--device", "cuda"]) == 2
+
+
+def test_steps_keep_the_users_pythonpath(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", "/opt/offline-wheels")
+    parts = gpu_check.child_env()["PYTHONPATH"].split(":")
+    assert parts[-1] == "/opt/offline-wheels" and str(ROOT) in parts

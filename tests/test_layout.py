@@ -50,9 +50,20 @@ def test_callbacks_do_not_import_the_project():
 
 
 def test_commands_live_in_the_apps_package():
-    loose = sorted(p.name for p in (ROOT / "ldir_pl").glob("*.py") if p.name not in ("__init__.py", "errors.py",
-                                                                                    "metrics.py"))
+    shared = ("__init__.py", "errors.py", "metrics.py", "config.py", "atomic.py", "interrupt.py")
+    loose = sorted(p.name for p in (ROOT / "ldir_pl").glob("*.py") if p.name not in shared)
     assert not loose, f"modules beside the library's packages: {loose}"
     setup = (ROOT / "setup.cfg").read_text()
     for app in ("reconstruct", "train", "sample"):
         assert f"ldir-{app} = ldir_pl.apps.{app}:main" in setup
+
+
+def test_training_imports_no_ray_transform():
+    """A GPU machine without astra / odl trains: only building a ray transform imports them."""
+    code = ("import sys, ldir_pl.apps.train, ldir_pl.data, ldir_pl.models, ldir_pl.config; "
+            "from ldir_pl.config import compose; from hydra.utils import instantiate; "
+            "instantiate(compose('train', ['experiment=ct_cpu_long', 'paths.data_dir=/nowhere']).model.vae); "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('odl', 'astra')]; assert not bad, bad")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -9,7 +9,7 @@ from hydra.errors import InstantiationException, MissingConfigException
 from test_config_defaults import target_defaults
 from tiny import NOISE, SIZE, phantom, tiny_latent_bundle
 
-from ldir_pl.apps.sampler_configs import load_sampler
+from ldir_pl.config import load_sampler
 from ldir_pl.physics import CTPhysics, VolumePhysics
 from ldir_pl.sampling import GuidedDDIM, PseudoInverse
 from ldir_pl.sampling.fidelity import DataFidelity
@@ -120,7 +120,7 @@ def test_v_prediction_and_clamp(ct_physics):
 
 
 def test_clear_errors(latent_bundle, ct_physics, tmp_path):
-    big = CTPhysics(kind="parallel", num_views=8, image_size=2 * SIZE, noise=NOISE)
+    big = CTPhysics(beam="parallel", num_views=8, image_size=2 * SIZE, noise=NOISE)
     y = big.measure(phantom(1, 2 * SIZE), [0])
     with pytest.raises(ValueError, match=r"32x32.*64x64"):
         make(latent_bundle).reconstruct(y, big, [0])

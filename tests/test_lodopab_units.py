@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from odl.applications import tomo
 from test_reconstruct_app import _run
 
-from ldir_pl.apps.conf_dir import CONF_DIR
+from ldir_pl.config import CONF_DIR
 from ldir_pl.data.phantom import ellipse_phantom
 
 MU_MAX, PHOTONS, SIZE = 81.35858, 4096, 362

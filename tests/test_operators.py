@@ -7,14 +7,14 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from tiny import NOISE
 
-from ldir_pl.apps.conf_dir import CONF_DIR
+from ldir_pl.config import CONF_DIR
 from ldir_pl.physics import Blur, CTPhysics, Inpainting, LinearPhysics, SuperResolution
 
 N = 32
 OPERATORS = {
     "ct-parallel-sparse": lambda: CTPhysics(num_views=12, image_size=N, noise=NOISE),
     "ct-parallel-odl": lambda: CTPhysics(num_views=12, image_size=N, backend="odl", noise=NOISE),
-    "ct-fan": lambda: CTPhysics(kind="fan", num_views=16, image_size=N, noise=NOISE),
+    "ct-fan": lambda: CTPhysics(beam="fan", num_views=16, image_size=N, noise=NOISE),
     "ct-limited-angle": lambda: CTPhysics(num_views=20, angle_range_deg=(0, 120), image_size=N, noise=NOISE),
     "blur-gaussian-circular": lambda: Blur(image_size=N, sigma=1.5, noise=NOISE),
     "blur-kernel-zero": lambda: Blur(image_size=N, kernel=[[0, 0.2, 0], [0.1, 0.4, 0.1], [0, 0.2, 0]],
@@ -62,7 +62,7 @@ def test_pseudo_inverse_explains_the_data(physics):
     ax = physics.A(x)
     xd = physics.A_dagger(ax)
     assert xd.shape == x.shape and torch.isfinite(xd).all()
-    if physics.kind == "ct":  # FBP: an approximate inverse, far closer than zero
+    if physics.family == "ct":  # FBP: an approximate inverse, far closer than zero
         assert (physics.A(xd) - ax).norm() < 0.5 * ax.norm()
     else:  # closed forms are exact; CG from zero has reduced the residual a lot
         assert (physics.A(xd) - ax).norm() < 0.05 * ax.norm()

@@ -7,10 +7,10 @@ from ldir_pl.physics import CTGeometry, CTPhysics, GaussianNoise, PoissonNoise, 
 from ldir_pl.physics.system_matrix import load_system_matrix
 
 GEOMETRIES = [
-    dict(kind="parallel", num_views=23, image_size=64),
-    dict(kind="parallel", num_views=12, image_size=64, angle_range_deg=(0, 120)),  # limited angle
-    dict(kind="fan", num_views=30, image_size=64),
-    dict(kind="parallel", num_views=10, image_size=48, det_count=80, extent=0.5),
+    dict(beam="parallel", num_views=23, image_size=64),
+    dict(beam="parallel", num_views=12, image_size=64, angle_range_deg=(0, 120)),  # limited angle
+    dict(beam="fan", num_views=30, image_size=64),
+    dict(beam="parallel", num_views=10, image_size=48, det_count=80, extent=0.5),
 ]
 
 
@@ -18,7 +18,7 @@ def _inner(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() * b.double()).sum())
 
 
-@pytest.mark.parametrize("geom", GEOMETRIES, ids=lambda g: f"{g['kind']}-{g['num_views']}")
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=lambda g: f"{g['beam']}-{g['num_views']}")
 @pytest.mark.parametrize("backend", ["sparse", "odl"])
 def test_adjointness(geom, backend):
     g = CTGeometry(**geom)
@@ -30,7 +30,7 @@ def test_adjointness(geom, backend):
     assert abs(lhs - rhs) / abs(lhs) < 1e-4
 
 
-@pytest.mark.parametrize("geom", GEOMETRIES, ids=lambda g: f"{g['kind']}-{g['num_views']}")
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=lambda g: f"{g['beam']}-{g['num_views']}")
 def test_backends_agree(geom):
     g = CTGeometry(**geom)
     sparse, ref = RayTransform(g, "sparse"), RayTransform(g, "odl")
@@ -42,7 +42,7 @@ def test_backends_agree(geom):
 
 def test_odl_reference_is_unchanged_astra_forward():
     """The sparse matrix is ODL's operator: forward of a phantom equals ODL's own call."""
-    g = CTGeometry(kind="parallel", num_views=17, image_size=32)
+    g = CTGeometry(beam="parallel", num_views=17, image_size=32)
     odl_op = g.odl_ray_transform()
     x = np.random.default_rng(0).random((32, 32)).astype(np.float32)
     ref = odl_op(odl_op.domain.element(x)).data
@@ -52,7 +52,7 @@ def test_odl_reference_is_unchanged_astra_forward():
 
 @pytest.mark.parametrize("backend", ["sparse", "odl"])
 def test_gradients_flow_through_both_directions(backend):
-    g = CTGeometry(kind="parallel", num_views=8, image_size=32)
+    g = CTGeometry(beam="parallel", num_views=8, image_size=32)
     A = RayTransform(g, backend)
     x = torch.rand(2, 1, 32, 32, requires_grad=True)
     y = torch.rand(2, 1, *g.sino_shape)
@@ -68,7 +68,7 @@ def test_gradients_flow_through_both_directions(backend):
 
 
 def test_matrix_cache_round_trip(tmp_path):
-    g = CTGeometry(kind="parallel", num_views=5, image_size=16)
+    g = CTGeometry(beam="parallel", num_views=5, image_size=16)
     first = load_system_matrix(g, tmp_path)
     assert (tmp_path / f"{g.key()}.npz").exists()
     again = load_system_matrix(g, tmp_path)
@@ -95,12 +95,12 @@ def test_shape_mismatch_is_a_clear_error():
 
 
 def test_bad_geometry_settings():
-    with pytest.raises(ValueError, match="physics.kind"):
-        CTGeometry(kind="helical", num_views=8, image_size=32)
+    with pytest.raises(ValueError, match="physics.beam"):
+        CTGeometry(beam="helical", num_views=8, image_size=32)
     with pytest.raises(ValueError, match="angle_range_deg"):
-        CTGeometry(kind="parallel", num_views=8, image_size=32, angle_range_deg=(90, 10))
+        CTGeometry(beam="parallel", num_views=8, image_size=32, angle_range_deg=(90, 10))
     with pytest.raises(ValueError, match="src_radius"):
-        CTGeometry(kind="fan", num_views=8, image_size=32, src_radius=1.0)
+        CTGeometry(beam="fan", num_views=8, image_size=32, src_radius=1.0)
 
 
 def test_gaussian_noise_is_seeded_per_image_and_relative():

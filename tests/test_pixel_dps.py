@@ -45,7 +45,7 @@ def test_guidance_reduces_misfit_under_inference_mode(pixel_bundle, ct_physics):
 
 
 def test_errors(pixel_bundle, ct_physics):
-    big = CTPhysics(kind="parallel", num_views=8, image_size=2 * SIZE, noise=NOISE)
+    big = CTPhysics(beam="parallel", num_views=8, image_size=2 * SIZE, noise=NOISE)
     with pytest.raises(ValueError, match=r"32x32.*64x64"):
         make(pixel_bundle).reconstruct(torch.zeros(1, 1, *big.meas_shape), big, [0])
     y = ct_physics.measure(disc(1), [0])

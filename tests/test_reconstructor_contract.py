@@ -9,7 +9,7 @@ from tiny import NOISE, phantom, tiny_latent_bundle, tiny_pixel_bundle
 from torch.utils.data import DataLoader
 
 from ldir_pl.apps.predict_module import LDIRModule
-from ldir_pl.apps.sampler_configs import load_sampler
+from ldir_pl.config import load_sampler
 from ldir_pl.physics import Blur, CTPhysics, Inpainting, SuperResolution
 from ldir_pl.sampling import PseudoInverse, TVReconstructor
 

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from wandb_records import summary as wandb_summary
 
 from ldir_pl.apps.train import compose_config
 from ldir_pl.models import load_prior
@@ -60,7 +59,12 @@ def test_prior_stage_exports_loadable_bundle(prior_run):
 
 
 def test_wandb_offline_run_files(prior_run):
-    """One run per stage, each holding its image panels, metrics and the exported model as an artifact."""
+    """One run per stage, each holding its image panels, metrics (the prior-quality figure too) and the exported model
+    as an artifact."""
+    from wandb_records import (
+        summary as wandb_summary,  # wandb only where it is used: a run without it still collects
+    )
+
     runs = {}
     for run in (prior_run / "wandb").glob("offline-run-*"):
         (run_file,) = run.glob("run-*.wandb")
@@ -72,7 +76,8 @@ def test_wandb_offline_run_files(prior_run):
     assert list((vae_run / "files" / "media" / "images" / "val").glob("reconstructions_*.png"))
     assert vae["artifacts"]["vae-demo"][0] == "model"
     ldm_run, ldm = runs["ldm"]
-    assert {"val/loss", "val/samples/filenames"} <= ldm["keys"]
+    assert {"val/loss", "val/samples/filenames", "val/eps_mse_grid", "val/body_share", "val/hu_w1",
+            "val/train_minutes"} <= ldm["keys"]
     assert list((ldm_run / "files" / "media" / "images" / "val").glob("samples_*.png"))
     kind, files = ldm["artifacts"]["prior-demo-ldm"]
     assert kind == "prior" and {"ldir_prior.json", "model_index.json", "unet/diffusion_pytorch_model.safetensors",
@@ -152,11 +157,13 @@ def test_ct_recipes_train_two_steps_on_cpu(exp, tmp_path):
     steps = [f"++stages.{s}.trainer.{k}={v}" for s in ("vae", "ldm")
              for k, v in (("max_steps", 2), ("max_epochs", 1), ("check_val_every_n_epoch", 1))]
     cfg = compose_config([f"experiment={exp}", f"paths.data_dir={tmp_path}", f"output_dir={tmp_path / 'out'}",
-                          "trainer=cpu", "logger=none", "data.image_size=32", "++stages.vae.data.batch_size=4",
+                          "trainer=cpu", "logger=none", f"data.image_size={32 if exp == 'ct_cpu' else 64}",
+                          "init_from=null", "stage=prior",
+                          "callbacks=default", "++stages.vae.data.batch_size=4",
                           "++stages.ldm.data.batch_size=4", "model.ldm.num_val_samples=1",
                           "model.ldm.val_inference_steps=2", "trainer.num_sanity_val_steps=0",
                           "callbacks.progress_bar.refresh_rate=100", *steps])
     assert cfg.data.sources.dicom.test_fraction > 0 and cfg.model.ldm.cache_latents
     bundle = load_prior(train_prior(cfg))
-    assert bundle.latent_shape == (8, 8, 8)
+    assert bundle.latent_shape == {"ct_cpu": (8, 8, 8), "ct_gpu": (16, 8, 8)}[exp]
     assert bundle.metadata["training_config"]["experiment_name"] == exp

@@ -18,10 +18,11 @@ import torch
 from pydicom.data import get_testdata_file
 from tiny import NOISE, phantom, tiny_latent_bundle
 
-from ldir_pl.apps.sampler_configs import load_sampler
+from ldir_pl.config import load_sampler
 from ldir_pl.data import DicomDataModule, NiftiDataModule
+from ldir_pl.data.nifti import read_nifti, write_nifti
 from ldir_pl.data.readers import DataError
-from ldir_pl.data.volumes import read_dicom_series, read_nifti, write_nifti
+from ldir_pl.data.volumes import read_dicom_series
 from ldir_pl.physics import CTPhysics, VolumePhysics
 from ldir_pl.sampling.tv import forward_diff, forward_diff_t
 
@@ -172,18 +173,28 @@ def test_3d_methods_refuse_slices_without_a_volume():
         load_sampler("tv3d", overrides=["tv.max_iterations=5"]).reconstruct(y, physics, [0, 1])
 
 
+def read_series(folder: Path) -> list:
+    return sorted((pydicom.dcmread(p) for p in folder.glob("*.dcm")), key=lambda d: int(d.InstanceNumber))
+
+
 def test_volume_mode_end_to_end_nifti_and_dicom_series(tmp_path):
+    """Volumes in (NIfTI, a DICOM series), NIfTI and DICOM series out: the DICOM series reads back with the same
+    positions, orientation, spacing and HU (to 1 HU) as the NIfTI output, in the input's study."""
     hu = phantom_hu(12, 32)
     affine = write_volume((tmp_path / "nifti").mkdir() or tmp_path / "nifti" / "vol.nii.gz", hu)
-    write_series(tmp_path / "dicom" / "patient1", hu)
+    img = nib.load(str(tmp_path / "nifti" / "vol.nii.gz"))
+    img.set_qform(affine, code=1)  # a scanner-anatomical qform and an aligned sform: both must survive
+    img.set_sform(affine, code=2)
+    nib.save(img, str(tmp_path / "nifti" / "vol.nii.gz"))
+    series = write_series(tmp_path / "dicom" / "patient1", hu)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for source in ("nifti", "dicom"):
         out = tmp_path / f"out_{source}"
         proc = subprocess.run(
             [sys.executable, "-m", "ldir_pl.apps.reconstruct", f"data={source}", f"data.root={tmp_path / source}",
              "data.image_size=32", "data.val_fraction=0", "data.test_fraction=0", "data.slices=10",
-             "recon.volume=true", "physics.num_views=12", "sampler=tv3d", "baselines=[fbp,tv]", "tv.max_iterations=60",
-             f"output_dir={out}", "trainer.enable_progress_bar=false"],
+             "recon.volume=true", "recon.dicom=true", "physics.num_views=12", "sampler=tv3d", "baselines=[fbp,tv]",
+             "tv.max_iterations=60", f"output_dir={out}", "progress=false"],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         name = "vol" if source == "nifti" else "patient1"
@@ -196,9 +207,29 @@ def test_volume_mode_end_to_end_nifti_and_dicom_series(tmp_path):
         for method in summary:
             img = nib.load(str(out / "volumes" / method / f"{name}.nii.gz"))
             assert img.shape == (32, 32, 10) and img.get_data_dtype() == np.int16
-            if source == "nifti":  # the centred 10 of 12 slices: the input's affine, one slice up
+            if source == "nifti":  # the centred 10 of 12 slices: the input's affine, one slice up; its codes
                 assert np.allclose(img.affine, affine @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1],
                                                                  [0, 0, 0, 1]]))
+                assert (int(img.header["sform_code"]), int(img.header["qform_code"])) == (2, 1)
+            dicom = read_series(out / "dicom" / method / name)
+            assert len(dicom) == 10 and {d.SOPClassUID for d in dicom} == {"1.2.840.10008.5.1.4.1.1.2"}
+            assert len({d.SeriesInstanceUID for d in dicom}) == 1 and method in dicom[0].SeriesDescription
+            assert "12 views" in dicom[0].SeriesDescription
+            # geometry: voxel (0, 0, k) of the NIfTI output, in LPS, is ImagePositionPatient of slice k
+            lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ img.affine
+            for k, d in enumerate(dicom):
+                assert np.allclose(d.ImagePositionPatient, lps[:3, 3] + k * lps[:3, 2], atol=1e-3)
+                hu_back = d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept)
+                assert np.abs(hu_back - np.asarray(img.dataobj)[:, :, k]).max() <= 1
+            assert np.allclose(dicom[0].PixelSpacing, np.linalg.norm(img.affine[:3, :2], axis=0), atol=1e-4)
+            row_dir = np.asarray(dicom[0].ImageOrientationPatient[:3])
+            assert np.allclose(row_dir, lps[:3, 1] / np.linalg.norm(lps[:3, 1]), atol=1e-6)
+            if source == "dicom":  # the input's patient and study; positions are the input slices' (slab 1..10)
+                source_ds = pydicom.dcmread(series[0])
+                assert {d.StudyInstanceUID for d in dicom} == {source_ds.StudyInstanceUID}
+                assert dicom[0].PatientID == "P1" and dicom[0].SeriesInstanceUID != source_ds.SeriesInstanceUID
+                z = sorted(float(pydicom.dcmread(p).ImagePositionPatient[2]) for p in series)[1:11]
+                assert np.allclose([float(d.ImagePositionPatient[2]) for d in dicom], z, atol=1e-3)
 
 
 def test_nifti_data_module_slab_and_volumes(tmp_path):

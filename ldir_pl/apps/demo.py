@@ -15,10 +15,8 @@ import time
 import warnings
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
-from ldir_pl.apps.conf_dir import CONF_DIR
 from ldir_pl.apps.reconstruct import run
+from ldir_pl.config import CONF_DIR, compose
 
 OUT = Path("outputs/demo")
 SHARED = CONF_DIR.parent.parent / "shared" / "data"
@@ -66,9 +64,8 @@ def main() -> None:
     quiet(OUT / "demo.log")
     shared = (SHARED / "ct-volumes").is_dir() and (SHARED / "ct-dicom").is_dir()
     for name, overrides in jobs(shared).items():
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            cfg = compose("reconstruct", overrides=[*overrides, f"output_dir={OUT / name}",
-                                                    "trainer.enable_progress_bar=false", "sampler.progress=false"])
+        cfg = compose("reconstruct", [*overrides, f"output_dir={OUT / name}", "progress=false"])
+        shutil.rmtree(OUT / name, ignore_errors=True)  # the demo's own folder: a rerun replaces it
         print(f"\n== {name} ({OUT / name}) ==", flush=True)
         run(cfg)
     print(f"\ndemo done in {time.perf_counter() - t0:.0f} s with the packaged prior ({cfg.prior.path}); "

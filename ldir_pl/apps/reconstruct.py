@@ -21,13 +21,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.loggers import WandbLogger
 
-from ldir_pl.apps.cli import user_errors
-from ldir_pl.apps.conf_dir import CONF_DIR
+from ldir_pl.apps.cli import command_run, run_hydra_app
 from ldir_pl.apps.predict_module import LDIRModule
 from ldir_pl.apps.prediction_writer import ReconstructionWriter
-from ldir_pl.apps.report import format_table, summarize, write_csv, write_json
-from ldir_pl.apps.sampler_configs import compose_sampler
+from ldir_pl.apps.report import format_table, summarize, window_range, write_csv, write_json
+from ldir_pl.apps.run_record import INFO_FILE, RunRecord
 from ldir_pl.apps.sweep_report import write_sweep_report
+from ldir_pl.config import CONF_DIR, compose_sampler
+from ldir_pl.errors import ConfigError
+from ldir_pl.interrupt import Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +57,16 @@ def build_methods(cfg: DictConfig) -> tuple[dict, str]:
 
 
 def collect(output_dir: Path, world_size: int) -> list[dict]:
+    """The rows every rank wrote; a rank that wrote nothing yet (stopped before its first batch) adds none."""
     rows, seen = [], set()
     for rank in range(world_size):
         part = output_dir / "parts" / f"rank{rank}.jsonl"
-        for line in part.read_text().splitlines():
-            row = json.loads(line)
+        lines = part.read_text().splitlines() if part.is_file() else []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a killed process
+                continue
             key = (row["id"], row["method"])
             if key not in seen:  # distributed samplers may repeat an image to even out shards
                 seen.add(key)
@@ -67,9 +74,21 @@ def collect(output_dir: Path, world_size: int) -> list[dict]:
     return sorted(rows, key=lambda r: (r["method"], r["id"]))
 
 
-def run(cfg: DictConfig) -> dict[str, dict]:
-    """Reconstruct ``cfg.data`` with the configured methods; returns the summary (rank 0)."""
-    pl.seed_everything(cfg.seed, workers=True)
+def dicom_sources(cfg: DictConfig, datamodule):
+    """What DICOM out needs per slice (the input file: patient, study, geometry); checked before any work."""
+    window_range(cfg.recon.window)  # a bad window name fails now, not at the first panel
+    if not cfg.recon.dicom or cfg.recon.volume:
+        return None  # volumes carry their geometry (and a DICOM series its files)
+    if not hasattr(datamodule, "source_file"):
+        raise ConfigError(f"recon.dicom=true needs DICOM slices (data=dicom) or volumes (recon.volume=true); "
+                          f"{type(datamodule).__name__} holds slices without patient geometry")
+    return datamodule.source_file
+
+
+def run(cfg: DictConfig, record: RunRecord | None = None) -> dict[str, dict]:
+    """Reconstruct ``cfg.data`` with the configured methods; returns the summary (rank 0). Interrupted by a
+    signal, it reports the images that were complete and re-raises."""
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     physics = instantiate(cfg.physics)
@@ -78,24 +97,39 @@ def run(cfg: DictConfig) -> dict[str, dict]:
     methods, main_name = build_methods(cfg)  # priors load and are checked here, before any sampling
     module = LDIRModule(methods, physics)
     logger = instantiate(cfg.logger) if cfg.get("logger") and cfg.logger.get("_target_") else False
-    writer = ReconstructionWriter(out, cfg.num_panels, cfg.save_reconstructions)
+    writer = ReconstructionWriter(out, cfg.num_panels, cfg.save_reconstructions, window=cfg.recon.window,
+                                  dicom=bool(cfg.recon.dicom), source_file=dicom_sources(cfg, datamodule),
+                                  label=physics.label)
     trainer = pl.Trainer(**cfg.trainer, logger=logger, callbacks=[writer], inference_mode=False,
                          enable_checkpointing=False, enable_model_summary=False)
-    if cfg.recon.volume:  # one volume per batch: NIfTI out, orthogonal panels, per-volume metrics
-        trainer.predict(module, dataloaders=datamodule.volume_dataloader(), return_predictions=False)
-    else:
-        trainer.predict(module, datamodule=datamodule, return_predictions=False)
-    trainer.strategy.barrier()
+    info = {"physics": physics.describe(), "methods": list(methods), "main_method": main_name,
+            "world_size": trainer.world_size}
+    interrupted: Interrupted | None = None
+    try:
+        if cfg.recon.volume:  # one volume per batch: NIfTI out, orthogonal panels, per-volume metrics
+            trainer.predict(module, dataloaders=datamodule.volume_dataloader(), return_predictions=False)
+        else:
+            trainer.predict(module, datamodule=datamodule, return_predictions=False)
+        trainer.strategy.barrier()
+    except Interrupted as err:
+        interrupted = err
     if trainer.global_rank != 0:
+        if interrupted is not None:
+            raise interrupted
         return {}
     rows = collect(out, trainer.world_size)
     summary = summarize(rows)
     summary = {m: summary[m] for m in methods if m in summary}  # baselines first, the main method last
     write_csv(rows, out / "metrics.csv")
     write_json(summary, out / "summary.json")
-    write_json({"physics": physics.describe(), "methods": list(methods), "main_method": main_name,
-                "world_size": trainer.world_size,
-                "torch_threads": torch.get_num_threads()}, out / "run_info.json")
+    info["images_done"] = len({r["id"] for r in rows})
+    info["torch_threads"] = torch.get_num_threads()  # as the predict loop ran (Lightning shares cores out in DDP)
+    if record is not None:
+        record.update(**info)
+    else:
+        write_json(info, out / INFO_FILE)
+    if interrupted is not None:  # the complete images are reported; the run is marked interrupted by the caller
+        raise interrupted
     title = f"{type(datamodule).__name__}: {physics.label}"
     print(format_table(summary, title))
     panels = f", panels in {out / 'panels'}/" if any(out.glob("panels/*.png")) else ""
@@ -118,7 +152,7 @@ def log_to_wandb(logger, summary: dict, rows: list[dict], out: Path) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="reconstruct")
-def main(cfg: DictConfig) -> float:
+def _hydra_main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -128,12 +162,17 @@ def main(cfg: DictConfig) -> float:
     if sweeping:  # every job writes into its own folder; the sweep folder gets the joint table and plot
         with open_dict(cfg):
             cfg.output_dir = hydra_cfg.runtime.output_dir
-    with user_errors("ldir-reconstruct"):
-        summary = run(cfg)
+    with command_run("ldir-reconstruct", cfg.output_dir, cfg, overwrite=bool(cfg.overwrite)) as record:
+        summary = run(cfg, record)
     if sweeping and summary and cfg.physics.get("num_views") is not None:  # the joint table is over views
         write_sweep_report(Path(hydra_cfg.sweep.dir))
     main_psnr = summary.get(str(cfg.sampler.name), {}).get("psnr")  # what a sweep optimises
     return float("nan") if main_psnr is None else float(main_psnr)
+
+
+def main() -> float:
+    """Console-script entry point (``ldir-reconstruct``)."""
+    return run_hydra_app("ldir-reconstruct", _hydra_main)
 
 
 if __name__ == "__main__":

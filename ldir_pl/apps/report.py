@@ -15,7 +15,21 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ldir_pl.atomic import atomic_path, write_text  # noqa: E402
+
 CSV_FIELDS = ("id", "method", "psnr", "ssim", "seconds", "peak_mem_mb")
+#: CT display windows (level, width) in HU: what a radiologist reads a slice in (``recon.window``)
+WINDOWS = {"soft_tissue": (40.0, 400.0), "lung": (-600.0, 1500.0), "bone": (400.0, 1800.0), "brain": (40.0, 80.0)}
+
+
+def window_range(window: str) -> tuple[float, float]:
+    """``(vmin, vmax)`` of a named CT window in image units (x = (HU + 1024) / 4096)."""
+    from ldir_pl.errors import ConfigError
+
+    if window not in WINDOWS:
+        raise ConfigError(f"recon.window={window!r}: expected one of {sorted(WINDOWS)}")
+    level, width = WINDOWS[window]
+    return (level - width / 2 + 1024.0) / 4096.0, (level + width / 2 + 1024.0) / 4096.0
 #: per-volume metrics besides the axial psnr / ssim (recon.volume=true)
 VOLUME_FIELDS = ("psnr_coronal", "ssim_coronal", "psnr_sagittal", "ssim_sagittal")
 
@@ -37,8 +51,7 @@ def write_csv(rows: Sequence[Mapping], path: Path) -> None:
     """One row per image and method; volume runs add the coronal and sagittal metrics."""
     fields = CSV_FIELDS + tuple(k for k in VOLUME_FIELDS if any(not math.isnan(float(r.get(k, math.nan)))
                                                                  for r in rows))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for r in rows:
@@ -76,22 +89,30 @@ def format_table(summary: Mapping[str, Mapping], title: str = "") -> str:
     return "\n".join(lines)
 
 
+def save_figure(fig, path: Path, dpi: int) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+
+
 def save_panel(path: Path, image_id: str, truth: np.ndarray | None, recons: Mapping[str, np.ndarray],
-               metrics: Mapping[str, tuple[float, float]] | None = None, error_range: float = 0.1) -> None:
-    """Ground truth | each method, and below each method its absolute error map (when truth exists)."""
+               metrics: Mapping[str, tuple[float, float]] | None = None, error_range: float = 0.1,
+               window: str = "soft_tissue") -> None:
+    """Ground truth | each method in a CT window, and below each method its absolute error map (when truth
+    exists)."""
+    vmin, vmax = window_range(window)
     cols = (1 if truth is not None else 0) + len(recons)
     rows = 2 if truth is not None else 1
     fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows + 0.4), squeeze=False)
     c0 = 0
     if truth is not None:
-        axes[0, 0].imshow(truth, cmap="gray", vmin=0, vmax=truth.max() or 1)
-        axes[0, 0].set_title("ground truth")
+        axes[0, 0].imshow(truth, cmap="gray", vmin=vmin, vmax=vmax)
+        axes[0, 0].set_title(f"ground truth\n{window.replace('_', ' ')} window", fontsize=9)
         axes[1, 0].axis("off")
         c0 = 1
-    vmax = truth.max() if truth is not None and truth.max() > 0 else 1
     for j, (name, img) in enumerate(recons.items()):
         ax = axes[0, c0 + j]
-        ax.imshow(img, cmap="gray", vmin=0, vmax=vmax)
+        ax.imshow(img, cmap="gray", vmin=vmin, vmax=vmax)
         label = name
         if metrics and name in metrics:
             label += f"\n{metrics[name][0]:.2f} dB / {metrics[name][1]:.3f}"
@@ -104,9 +125,7 @@ def save_panel(path: Path, image_id: str, truth: np.ndarray | None, recons: Mapp
         ax.set_yticks([])
     fig.suptitle(image_id, fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 def plot_metric_vs_views(results: Mapping[str, Mapping[int, float]], path: Path, metric: str = "PSNR (dB)") -> None:
@@ -122,55 +141,56 @@ def plot_metric_vs_views(results: Mapping[str, Mapping[int, float]], path: Path,
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def write_json(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def save_volume_panel(path: Path, name: str, truth: np.ndarray | None, recons: Mapping[str, np.ndarray],
                       spacing: tuple[float, float, float], metrics: Mapping[str, Mapping[str, float]] | None = None,
-                      error_range: float = 0.1) -> None:
-    """Axial, coronal and sagittal planes through the volume's centre (``(S, H, W)`` arrays), ground truth |
-    each method, each view followed by its error maps; planes drawn with their true aspect (``spacing`` =
-    row, column, slice mm)."""
+                      error_range: float = 0.1, window: str = "soft_tissue") -> None:
+    """Axial, coronal and sagittal planes through the volume's centre (``(S, H, W)`` arrays) in a CT window,
+    ground truth | each method, each view followed by its error maps; planes drawn with their true aspect
+    (``spacing`` = row, column, slice mm) in rows as tall as the planes, so thin slabs leave no empty bands."""
+    vmin, vmax = window_range(window)
     views = {"axial": lambda v: v[v.shape[0] // 2], "coronal": lambda v: v[:, v.shape[1] // 2, :],
              "sagittal": lambda v: v[:, :, v.shape[2] // 2]}
     aspect = {"axial": spacing[0] / spacing[1], "coronal": spacing[2] / spacing[1], "sagittal": spacing[2] / spacing[0]}
+    ref = truth if truth is not None else next(iter(recons.values()))
+    shape = {view: cut(ref).shape for view, cut in views.items()}
+    height = {view: shape[view][0] * aspect[view] / shape[view][1] for view in views}  # plane height / width
+    per_view = 2 if truth is not None else 1
+    ratios = [height[view] for view in views for _ in range(per_view)]
     cols = (1 if truth is not None else 0) + len(recons)
-    rows = len(views) * (2 if truth is not None else 1)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.4 * rows + 0.4), squeeze=False)
-    vmax = float(truth.max()) if truth is not None and truth.max() > 0 else 1.0
+    col_w = 2.6
+    fig, axes = plt.subplots(len(ratios), cols, figsize=(col_w * cols, col_w * sum(ratios) + 0.35 * len(ratios) + 0.4),
+                             squeeze=False, gridspec_kw={"height_ratios": ratios})
     for v, (view, cut) in enumerate(views.items()):
-        r = v * (2 if truth is not None else 1)
+        r = v * per_view
         images = ({"ground truth": truth} if truth is not None else {}) | dict(recons)
         for c, (label, vol) in enumerate(images.items()):
             ax = axes[r, c]
             origin = "upper" if view == "axial" else "lower"  # slices run inferior to superior: head up
-            ax.imshow(cut(vol), cmap="gray", vmin=0, vmax=vmax, aspect=aspect[view], origin=origin)
+            ax.imshow(cut(vol), cmap="gray", vmin=vmin, vmax=vmax, aspect=aspect[view], origin=origin)
             title = f"{label} ({view})"
             if metrics and label in metrics:
                 key = "psnr" if view == "axial" else f"psnr_{view}"
                 if metrics[label].get(key) is not None:
-                    title += f"\n{metrics[label][key]:.2f} dB"
-            ax.set_title(title, fontsize=8)
+                    title += f", {metrics[label][key]:.2f} dB"
+            ax.set_title(title, fontsize=7)
             if truth is not None:
                 err = axes[r + 1, c]
                 if label != "ground truth":
                     err.imshow(np.abs(cut(vol) - cut(truth)), cmap="magma", vmin=0, vmax=error_range,
                                aspect=aspect[view], origin=origin)
-                    err.set_title(f"|error| (0-{error_range})", fontsize=7)
+                    err.set_title(f"|error| (0-{error_range})", fontsize=6)
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
         if not ax.images:
             ax.axis("off")
-    fig.suptitle(name, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    fig.suptitle(f"{name} ({window.replace('_', ' ')} window)", fontsize=9)
+    fig.tight_layout(h_pad=0.3, w_pad=0.3)
+    save_figure(fig, path, dpi=80)

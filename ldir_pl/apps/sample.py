@@ -1,6 +1,6 @@
 """``ldir-sample``: unconditional samples from a prior as a PNG grid, the first look at whether a prior is
-any good. Sampling runs through diffusers' own pipeline (LDMPipeline for latent priors, DDIMPipeline for
-pixel priors) with a DDIM scheduler built from the bundle's noise schedule.
+any good. DDIM with the bundle's noise schedule (trailing spacing), step by step as diffusers' ``LDMPipeline``
+draws them (a test checks they agree), so a signal stops it between steps and a bar shows the rate.
 
     ldir-sample prior.path=OUT/prior num_images=16 output_dir=S
 """
@@ -16,25 +16,14 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from ldir_pl.apps.cli import user_errors
-from ldir_pl.apps.conf_dir import CONF_DIR
+from ldir_pl.apps.cli import command_run, run_hydra_app
+from ldir_pl.atomic import atomic_path
+from ldir_pl.config import CONF_DIR
 from ldir_pl.errors import ConfigError
 from ldir_pl.models.bundle import PriorBundle
-from ldir_pl.models.intensity import IntensityTransform
+from ldir_pl.models.prior_quality import ddim_samples
 
 log = logging.getLogger(__name__)
-
-
-def pipeline(bundle: PriorBundle):
-    """The stock diffusers pipeline for the bundle's kind, with a DDIM scheduler from its schedule."""
-    from diffusers import DDIMPipeline, DDIMScheduler, LDMPipeline
-
-    if bundle.transform != IntensityTransform():
-        raise ConfigError(f"diffusers' pipelines map [-1, 1] to images; this prior uses {bundle.transform}")
-    scheduler = DDIMScheduler.from_config(bundle.scheduler.config, clip_sample=False, timestep_spacing="trailing")
-    if bundle.kind == "latent":
-        return LDMPipeline(vqvae=bundle.vae, unet=bundle.unet, scheduler=scheduler)
-    return DDIMPipeline(unet=bundle.unet, scheduler=scheduler)
 
 
 def grid(images: np.ndarray, ncol: int | None = None) -> np.ndarray:
@@ -56,26 +45,36 @@ def sample(cfg: DictConfig) -> Path:
     if int(cfg.num_images) < 1 or int(cfg.num_steps) < 1:
         raise ConfigError(f"num_images={cfg.num_images} and num_steps={cfg.num_steps} must be >= 1")
     bundle = PriorBundle.from_pretrained(cfg.prior.path)
+    if int(cfg.num_steps) > int(bundle.scheduler.config.num_train_timesteps):
+        raise ConfigError(f"num_steps={cfg.num_steps}: the prior's schedule has "
+                          f"{bundle.scheduler.config.num_train_timesteps} timesteps")
     device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto"
                                                                                else cfg.device)
-    pipe = pipeline(bundle).to(device)
-    generator = torch.Generator().manual_seed(int(cfg.seed))
-    images = pipe(batch_size=int(cfg.num_images), generator=generator, num_inference_steps=int(cfg.num_steps),
-                  eta=float(cfg.eta), output_type="np").images[..., 0]
+    bundle.to(device)
+    with torch.no_grad():
+        images = ddim_samples(bundle.unet, bundle.scheduler.config, bundle.decode, bundle.latent_shape,
+                              int(cfg.num_images), int(cfg.num_steps), int(cfg.seed), eta=float(cfg.eta),
+                              progress=bool(cfg.progress))[:, 0].cpu().numpy()
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "samples.npy", images.astype(np.float32))
+    with atomic_path(out / "samples.npy") as tmp:
+        np.save(tmp, images.astype(np.float32))
     png = out / "samples.png"
-    Image.fromarray((grid(images) * 255).round().astype(np.uint8)).save(png)
+    with atomic_path(png) as tmp:
+        Image.fromarray((grid(images) * 255).round().astype(np.uint8)).save(tmp)
     print(f"{len(images)} samples from {cfg.prior.path} ({bundle.kind} prior, {bundle.image_size}x{bundle.image_size}, "
           f"{cfg.num_steps} DDIM steps): {png}")
     return png
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="sample")
-def main(cfg: DictConfig) -> None:
-    with user_errors("ldir-sample"):
+def _hydra_main(cfg: DictConfig) -> None:
+    with command_run("ldir-sample", cfg.output_dir, cfg, overwrite=bool(cfg.overwrite)):
         sample(cfg)
+
+
+def main() -> None:
+    """Console-script entry point (``ldir-sample``)."""
+    run_hydra_app("ldir-sample", _hydra_main)
 
 
 if __name__ == "__main__":

@@ -22,11 +22,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
-from ldir_pl.apps.cli import user_errors
-from ldir_pl.apps.conf_dir import CONF_DIR
+from ldir_pl.apps.cli import command_run, run_hydra_app
+from ldir_pl.atomic import write_json
+from ldir_pl.config import CONF_DIR, compose
 from ldir_pl.errors import ConfigError, MissingPathError
 from ldir_pl.models.bundle import save_prior
 from ldir_pl.models.intensity import DEFAULT as INTENSITY
+from ldir_pl.models.stop_on_signal import StopOnSignal
 from ldir_pl.models.training import CKPT_KIND_KEY
 
 log = logging.getLogger(__name__)
@@ -99,7 +101,7 @@ def _callbacks(cfg: DictConfig, stage: str, stage_dir: Path, has_logger: bool) -
                 extra.update(monitor=metric, mode=mode)
         callbacks.append(hydra.utils.instantiate(cb_cfg, **extra))
         log.debug("callback %s: %s", name, type(callbacks[-1]).__name__)
-    return callbacks
+    return [*callbacks, StopOnSignal(stage_dir / "checkpoints")]  # always: a signal stops at the next batch
 
 
 def _logger(cfg: DictConfig, stage: str, stage_dir: Path):
@@ -144,7 +146,7 @@ def fit_stage(cfg: DictConfig, stage: str, ckpt_path: str | None = None, **model
     model_key, kind = STAGE_INFO[stage].model_key, STAGE_INFO[stage].kind
     section = _stage_section(cfg, stage)
     stage_dir = Path(cfg.output_dir) / stage
-    pl.seed_everything(int(cfg.seed) + STAGE_INFO[stage].seed_offset, workers=True)
+    pl.seed_everything(int(cfg.seed) + STAGE_INFO[stage].seed_offset, workers=True, verbose=False)
 
     data_cfg = _merged(cfg.data, section.get("data"))
     model_cfg = OmegaConf.merge(cfg.model[model_key], model_overrides)
@@ -169,7 +171,9 @@ def fit_stage(cfg: DictConfig, stage: str, ckpt_path: str | None = None, **model
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
     seconds = time.perf_counter() - start
     metric, _ = stage_metric(cfg, stage)
-    value = trainer.callback_metrics.get(metric)
+    ckpt_cb = trainer.checkpoint_callback
+    best = ckpt_cb.best_model_score if ckpt_cb is not None and ckpt_cb.monitor == metric else None
+    value = best if best is not None else trainer.callback_metrics.get(metric)  # what the export holds
     result = {
         "module": module,
         "trainer": trainer,
@@ -177,6 +181,8 @@ def fit_stage(cfg: DictConfig, stage: str, ckpt_path: str | None = None, **model
         "value": float(value) if value is not None else float("nan"),
         "seconds": seconds,
         "images_per_s": _images_per_second(trainer, int(data_cfg.batch_size), seconds),
+        "images_seen": trainer.global_step * int(data_cfg.batch_size) * trainer.world_size,
+        "epochs": trainer.current_epoch,
     }
     log.info("stage %s: %s=%.4f, %.1f s, %.2f images/s (incl. validation)", stage, metric, result["value"],
              seconds, result["images_per_s"])
@@ -191,8 +197,44 @@ def _load_best(module: pl.LightningModule, trainer: pl.Trainer) -> None:
         log.info("restored best checkpoint %s", best)
 
 
+def training_data(datamodule: Any) -> dict[str, Any]:
+    """Which patients / volumes trained the prior and which were held out, written into the bundle so that
+    anyone can check an evaluation set against it."""
+    if datamodule is None or not hasattr(datamodule, "groups"):
+        return {}
+    record: dict[str, Any] = {split: sorted(datamodule.groups(split)) for split in ("train", "val", "test")}
+    record["train_images"] = len(datamodule.items("train"))
+    return record
+
+
+def where_it_ran(trainer: pl.Trainer) -> str:
+    """The machine a stage ran on, in words (what a reader needs to weigh its minutes)."""
+    if trainer.strategy.root_device.type == "cuda":
+        name = torch.cuda.get_device_name(trainer.strategy.root_device)
+        return f"{trainer.world_size} x {name}, {trainer.precision}"
+    return f"CPU, {torch.get_num_threads()} torch threads, {trainer.precision}"
+
+
+def training_history(cfg: DictConfig, results: dict[str, dict]) -> list[dict]:
+    """Every run that trained these weights: the ``init_from`` bundle's history, then this run's stages."""
+    history: list[dict] = []
+    if cfg.get("init_from"):
+        meta_file = Path(str(cfg.init_from)) / "ldir_prior.json"
+        if meta_file.is_file():
+            history = list(json.loads(meta_file.read_text()).get("training_history", []))
+    date = time.strftime("%Y-%m-%d")
+    for stage, r in results.items():
+        history.append({"stage": stage, "experiment": cfg.experiment_name, "date": date,
+                        "minutes": round(r["seconds"] / 60, 1), "epochs": r["epochs"], "images_seen": r["images_seen"],
+                        "where": where_it_ran(r["trainer"]), r["metric"]: r["value"]})
+    return history
+
+
 def _metadata(cfg: DictConfig, results: dict[str, dict]) -> dict:
+    last = results[list(results)[-1]]["trainer"]
     return {
+        "training_history": training_history(cfg, results),
+        "training_data": training_data(last.datamodule),
         "image_size": int(cfg.data.image_size),
         "intensity_transform": INTENSITY.as_dict(),
         "experiment": cfg.experiment_name,
@@ -224,6 +266,7 @@ def _run_diffusion(cfg: DictConfig, stage: str, ckpt_path: str | None, results: 
     trainer, module = res["trainer"], res["module"]
     export = Path(_stage_section(cfg, stage).export_dir)
     if trainer.is_global_zero:
+        _load_best(module, trainer)  # the exported UNet is the one validation chose, not the last epoch's
         vae = module.export_vae() if stage == "ldm" else None
         meta = _metadata(cfg, results)
         if vae is not None:
@@ -248,8 +291,9 @@ def run(cfg: DictConfig) -> tuple[Path, float]:
     results: dict[str, dict] = {}
     if stage == "vae":
         out = _run_vae(cfg, ckpt, results)
-    elif stage == "ldm":
-        out = _run_diffusion(cfg, "ldm", ckpt, results)
+    elif stage == "ldm":  # continuing a bundle's UNet means keeping its VAE: its weights live in that latent space
+        vae = {"vae_path": str(cfg.init_from)} if cfg.get("init_from") else {}
+        out = _run_diffusion(cfg, "ldm", ckpt, results, **vae)
     elif stage == "pixel_ddpm":
         out = _run_diffusion(cfg, "pixel_ddpm", ckpt, results)
     else:  # prior: an explicit checkpoint resumes the stage of its kind
@@ -271,8 +315,24 @@ def run(cfg: DictConfig) -> tuple[Path, float]:
         summary = json.loads(path.read_text()) if path.is_file() else {}  # a stage run alone adds to the others
         summary.update({s: {r["metric"]: r["value"], "seconds": r["seconds"], "images_per_s": r["images_per_s"],
                             "torch_threads": torch.get_num_threads()} for s, r in results.items()})
-        path.write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(path, summary)
     return out, last["value"]
+
+
+def stage_outputs(cfg: DictConfig):
+    """What an earlier run left that this one would overwrite: the folders and exports of the stages it trains.
+    A stage trained alone may follow another in the same folder (stage=ldm reads OUT/vae/model), and a resumed
+    run (ckpt_path) continues its own stage."""
+    stages = ("vae", "ldm") if cfg.stage == "prior" else (cfg.stage,)
+
+    def earlier(out: Path) -> list[Path]:
+        if cfg.get("ckpt_path") or cfg.stage not in STAGES:
+            return []
+        paths = [out / s for s in stages] + [Path(str(_stage_section(cfg, s).get("export_dir", out / s)))
+                                             for s in stages]
+        return sorted({p for p in paths if p.exists()})
+
+    return earlier
 
 
 def train_prior(cfg: DictConfig) -> Path:
@@ -290,10 +350,7 @@ def train_prior(cfg: DictConfig) -> Path:
 
 def compose_config(overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
     """The training config as ``ldir-train`` would see it, without starting a Hydra app."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides), return_hydra_config=return_hydra_config)
+    return compose("train", overrides, return_hydra_config)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
@@ -303,7 +360,7 @@ def _hydra_main(cfg: DictConfig) -> float:
     if HydraConfig.initialized():  # in multirun each job writes into its own folder
         with open_dict(cfg):
             cfg.output_dir = HydraConfig.get().runtime.output_dir
-    with user_errors("ldir-train"):
+    with command_run("ldir-train", cfg.output_dir, cfg, overwrite=bool(cfg.overwrite), earlier=stage_outputs(cfg)):
         out, value = run(cfg)
     log.info("done: %s (%s)", out, value)
     return value
@@ -311,7 +368,7 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 def main() -> float | None:
     """Console-script entry point (``ldir-train``)."""
-    return _hydra_main()
+    return run_hydra_app("ldir-train", _hydra_main)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@ from ldir_pl.data.folder import FolderDataModule
 from ldir_pl.data.lodopab import LoDoPaBDataModule
 from ldir_pl.data.mix import MixDataModule
 from ldir_pl.data.nifti import NiftiDataModule
+from ldir_pl.data.packed import PackedDataModule
 from ldir_pl.data.phantom import PhantomDataModule
 from ldir_pl.data.readers import DataError
 from ldir_pl.data.sinogram import SinogramDataModule
 
 __all__ = ["DataError", "DicomDataModule", "FolderDataModule", "LoDoPaBDataModule", "MixDataModule",
-           "NiftiDataModule", "PhantomDataModule", "SinogramDataModule", "SliceDataModule"]
+           "NiftiDataModule", "PackedDataModule", "PhantomDataModule", "SinogramDataModule", "SliceDataModule"]

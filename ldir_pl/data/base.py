@@ -107,7 +107,10 @@ class SliceDataModule(pl.LightningDataModule):
             raise ConfigError(f"data.predict_split={predict_split!r}: expected one of {SPLITS}")
         self.image_size, self.batch_size, self.num_workers = int(image_size), int(batch_size), int(num_workers)
         self.seed, self.augment, self.predict_split = int(seed), bool(augment), predict_split
-        self.max_images = max_images
+        if max_images is not None and (isinstance(max_images, bool) or not str(max_images).lstrip("-").isdigit()
+                                       or int(max_images) < 1):
+            raise ConfigError(f"data.max_images={max_images!r}: expected a count >= 1 (null: every image)")
+        self.max_images = None if max_images is None else int(max_images)
         self.predict_batch_size = int(predict_batch_size or batch_size)
         self.physics = None
 
@@ -123,6 +126,15 @@ class SliceDataModule(pl.LightningDataModule):
                              f"data.image_size={self.image_size}: set both to the same size (physics=lodopab "
                              "is 362)")
         self.physics = physics
+
+    def group_of(self, image_id: str) -> str:
+        """The patient (volume) an image belongs to; here every image is its own group, sources that know patients
+        or volumes say so."""
+        return image_id
+
+    def groups(self, split: str) -> set[str]:
+        """The patients (volumes) a split holds: what must never cross from training into evaluation."""
+        return {self.group_of(i) for i, _ in self.items(split)}
 
     def items(self, split: str) -> list[Item]:
         items = self._items(split)

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from ldir_pl.data.base import Item, SliceDataModule, StoredImage, split_by_group
-from ldir_pl.data.readers import DICOM_SUFFIXES, check_same_shape, list_files, read_dicom, require_dir
+from ldir_pl.data.readers import (
+    CT_MODALITIES,
+    DICOM_SUFFIXES,
+    check_same_shape,
+    list_files,
+    read_dicom,
+    require_dir,
+)
 from ldir_pl.data.transforms import hu_to_unit, resize_area
 from ldir_pl.data.volumes import Volume, read_dicom_series
 
@@ -19,13 +28,15 @@ class DicomDataModule(SliceDataModule):
     any training or reconstruction starts, and epochs do not re-decode DICOM."""
 
     def __init__(self, root: str, val_fraction: float = 0.2, test_fraction: float = 0.2,
-                 slices: str | int | None = None, **kwargs) -> None:
+                 slices: str | int | None = None, modalities: Sequence[str] = CT_MODALITIES, **kwargs) -> None:
         super().__init__(**kwargs)
         self.root = root
+        self.modalities = tuple(str(m) for m in modalities)
         self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
         self.slices = slices  # a slab of every series in volume mode: "START:STOP" or N (centred)
         self._images: dict[str, torch.Tensor] | None = None
         self._patients: dict[str, str] = {}
+        self._files: dict[str, Path] = {}
         self._split: dict[str, set[str]] = {}
 
     def setup(self, stage: str | None = None) -> None:
@@ -33,7 +44,7 @@ class DicomDataModule(SliceDataModule):
             return
         root = require_dir(self.root, "data.root (DICOM folder)")
         files = list_files(root, DICOM_SUFFIXES, f"DICOM folder {root}")
-        slices = [read_dicom(p) for p in files]
+        slices = [read_dicom(p, self.modalities) for p in files]
         check_same_shape({s.path: s.hu.shape for s in slices}, f"DICOM folder {root}")
         self._images, ids = {}, []
         for s in slices:
@@ -41,6 +52,7 @@ class DicomDataModule(SliceDataModule):
             x = hu_to_unit(torch.from_numpy(s.hu)).unsqueeze(0)
             self._images[image_id] = resize_area(x, self.image_size)
             self._patients[image_id] = s.patient_id
+            self._files[image_id] = s.path
             ids.append(image_id)
         self._split = split_by_group(list(self._patients.values()), self.val_fraction, self.test_fraction,
                                      self.seed)
@@ -56,10 +68,18 @@ class DicomDataModule(SliceDataModule):
         self.setup()
         return self._split[split]
 
+    groups = patients
+    group_of = patient_of
+
+    def source_file(self, image_id: str) -> Path:
+        """The DICOM file a slice came from (DICOM out copies its patient, study and geometry)."""
+        self.setup()
+        return self._files[image_id]
+
     def volumes(self, split: str) -> list[Volume]:
         """The DICOM series of the split's patients as volumes (sorted along the slice normal, checked)."""
         keep = self.patients(split)
-        series = read_dicom_series(require_dir(self.root, "data.root (DICOM folder)"))
+        series = read_dicom_series(require_dir(self.root, "data.root (DICOM folder)"), self.modalities)
         return [vol.slab(self.slices).resized(self.image_size) for patient, vol in series.values() if patient in keep]
 
     def _items(self, split: str) -> list[Item]:

@@ -34,6 +34,18 @@ class MixDataModule(SliceDataModule):
         for src in self.sources.values():
             src.setup(stage)
 
+    def groups(self, split: str) -> set[str]:
+        """``<source>:<patient or volume>`` of every source's split (the held-out volumes of a source that only
+        trains here included), so a bundle records everything that was kept from training."""
+        return {f"{name}:{g}" for name, src in self.sources.items() for g in src.groups(split)}
+
+    def group_of(self, image_id: str) -> str:
+        """``<source>:<group>`` for a training id (``<source>:<id>``), the eval source's group otherwise."""
+        name, sep, rest = image_id.partition(":")
+        if sep and name in self.sources:
+            return f"{name}:{self.sources[name].group_of(rest)}"
+        return f"{self.eval_source}:{self.sources[self.eval_source].group_of(image_id)}"
+
     def _items(self, split: str) -> list[Item]:
         if split != "train":
             return self.sources[self.eval_source].items(split)

@@ -11,10 +11,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import Tensor
 
+from ldir_pl.atomic import atomic_path
 from ldir_pl.data.base import Item, SliceDataModule, StoredImage, split_by_group
 from ldir_pl.data.readers import DataError, require_dir
-from ldir_pl.data.volumes import Volume, read_nifti
+from ldir_pl.data.transforms import hu_to_unit
+from ldir_pl.data.volumes import Volume
 from ldir_pl.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -74,6 +78,36 @@ def read_volume(path: Path) -> np.ndarray:
     return hu
 
 
+def read_nifti(path: Path) -> Volume:
+    """A NIfTI volume (HU, slices along the last axis) as a ``Volume`` at its own size."""
+    import nibabel as nib
+
+    hu = read_volume(path)  # (H, W, S), checked
+    header = nib.load(str(path)).header
+    affine = np.asarray(nib.load(str(path)).affine, dtype=np.float64)
+    images = hu_to_unit(torch.from_numpy(np.ascontiguousarray(np.moveaxis(hu, -1, 0)))).unsqueeze(1)
+    codes = (int(header["sform_code"]), int(header["qform_code"]))
+    return Volume(volume_name(path), images, affine, str(path), nifti_codes=codes)
+
+
+def write_nifti(path: Path, volume: Volume, images: Tensor) -> Path:
+    """``images`` (S,1,H,W) in [0, 1] of ``volume``'s voxels, written as int16 HU with its affine."""
+    import nibabel as nib
+
+    if tuple(images.shape) != tuple(volume.images.shape):
+        raise ConfigError(f"{path}: images of shape {tuple(images.shape)} do not match volume {volume.name} "
+                          f"{tuple(volume.images.shape)}")
+    img = nib.Nifti1Image(volume.to_hu(images), volume.affine)
+    sform, qform = volume.nifti_codes  # the input's codes: a viewer places the output where it placed the input
+    img.set_sform(volume.affine, code=sform)
+    img.set_qform(volume.affine, code=qform)
+    img.header.set_xyzt_units("mm")
+    img.header["descrip"] = f"ldir-pl reconstruction of {volume.name}"[:79].encode()
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return path
+
+
 class NiftiDataModule(SliceDataModule):
     """Every slice of every volume, HU -> [0, 1] by the reference transform, area-resized to ``image_size``.
     Image ids are ``<volume>/<slice index>``. ``val_volumes`` / ``test_volumes`` name volumes held out by
@@ -117,6 +151,13 @@ class NiftiDataModule(SliceDataModule):
         log.info("NIfTI %s: %d slices of %d volumes; split train/val/test volumes %d/%d/%d", root,
                  sum(v.images.shape[0] for v in volumes.values()), len(volumes), len(self._split["train"]),
                  len(self._split["val"]), len(self._split["test"]))
+
+    def groups(self, split: str) -> set[str]:
+        self.setup()
+        return set(self._split[split])
+
+    def group_of(self, image_id: str) -> str:
+        return image_id.rsplit("/", 1)[0]  # ids are <volume>/<slice index>
 
     def volumes(self, split: str) -> list[Volume]:
         """The split's volumes, cut to ``slices`` and resized; only the volumes used are cut, so a slab longer

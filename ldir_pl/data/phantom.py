@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-import odl
 import torch
 from torch import Tensor
 
@@ -32,6 +31,8 @@ def random_ellipses(rng: np.random.Generator, n_inner: tuple[int, int] = (4, 12)
 def ellipse_phantom(size: int, seed: int) -> Tensor:
     """A (1, size, size) phantom in [0, 1]."""
     rng = np.random.default_rng(seed)
+    import odl  # here, not at import: training on CT files runs where odl / astra are not installed
+
     space = odl.uniform_discr([-1, -1], [1, 1], (size, size), dtype="float32")
     img = odl.phantom.ellipsoid_phantom(space, random_ellipses(rng)).data
     return torch.from_numpy(np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0)).unsqueeze(0)

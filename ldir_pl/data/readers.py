@@ -14,6 +14,7 @@ log = logging.getLogger(__name__)
 
 DICOM_SUFFIXES = {".dcm", ".dicom", ".ima", ""}
 IMAGE_SUFFIXES = {".npy", ".png", ".tif", ".tiff"}
+CT_MODALITIES = ("CT",)
 
 
 def require_dir(root: str | Path, what: str) -> Path:
@@ -32,10 +33,21 @@ class DicomSlice:
     hu: np.ndarray  # float32 (H, W) in Hounsfield units
 
 
-def read_dicom(path: str | Path) -> DicomSlice:
-    """One CT slice in HU (RescaleSlope/Intercept applied)."""
+def check_modality(ds, path: Path, modalities: tuple[str, ...]) -> None:
+    """Refuse a file whose Modality is not one of ``modalities`` (CT by default): an MR or PET image has no
+    Hounsfield units, and reconstructing it as if it had gives numbers that mean nothing."""
+    modality = str(getattr(ds, "Modality", "") or "")
+    if modality not in modalities:
+        allowed = ",".join([*modalities, modality or "..."])
+        raise DataError(f"{path}: Modality is {modality or 'missing'}, not {' or '.join(modalities)}; ldir-pl reconstructs "
+                        f"CT in Hounsfield units (data.modalities=[{allowed}] reads it anyway)")
+
+
+def read_dicom(path: str | Path, modalities: tuple[str, ...] = CT_MODALITIES) -> DicomSlice:
+    """One CT slice in HU (RescaleSlope/Intercept applied); other modalities are refused."""
     path = Path(path)
     ds = open_dicom(path)
+    check_modality(ds, path, modalities)
     patient = str(getattr(ds, "PatientID", "") or path.stem)
     return DicomSlice(path=path, patient_id=patient, hu=dicom_hu(ds, path))
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ldir_pl.data.readers import DataError, dicom_hu, open_dicom
+from ldir_pl.data.readers import CT_MODALITIES, DataError, check_modality, dicom_hu, open_dicom
 from ldir_pl.data.transforms import HU_OFFSET, HU_SCALE, hu_to_unit, resize_area
 from ldir_pl.errors import ConfigError
 
@@ -33,6 +33,8 @@ class Volume:
     affine: np.ndarray
     source: str
     first: int = 0  # index of images[0] in the source volume (ids and noise seeds keep it)
+    files: tuple[Path, ...] = ()  # a DICOM series' files in slice order (their patient and study go to DICOM out)
+    nifti_codes: tuple[int, int] = (1, 1)  # (sform_code, qform_code) NIfTI out writes: the input's, or scanner
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -54,7 +56,8 @@ class Volume:
         start, stop = slab_bounds(slices, self.images.shape[0], self.source)
         affine = self.affine.copy()
         affine[:3, 3] += start * affine[:3, 2]
-        return replace(self, images=self.images[start:stop], affine=affine, first=self.first + start)
+        return replace(self, images=self.images[start:stop], affine=affine, first=self.first + start,
+                       files=self.files[start:stop])
 
     def resized(self, size: int) -> Volume:
         """Slices area-resized to ``size`` x ``size``; the affine follows (cell centres move with the cells)."""
@@ -92,34 +95,6 @@ def slab_bounds(slices: str | int | None, n: int, source: str) -> tuple[int, int
     return start, stop
 
 
-# ---------------------------------------------------------------------------------------------- NIfTI
-def read_nifti(path: Path) -> Volume:
-    """A NIfTI volume (HU, slices along the last axis) as a ``Volume`` at its own size."""
-    import nibabel as nib
-
-    from ldir_pl.data.nifti import read_volume, volume_name
-
-    hu = read_volume(path)  # (H, W, S), checked
-    affine = np.asarray(nib.load(str(path)).affine, dtype=np.float64)
-    images = hu_to_unit(torch.from_numpy(np.ascontiguousarray(np.moveaxis(hu, -1, 0)))).unsqueeze(1)
-    return Volume(volume_name(path), images, affine, str(path))
-
-
-def write_nifti(path: Path, volume: Volume, images: Tensor) -> Path:
-    """``images`` (S,1,H,W) in [0, 1] of ``volume``'s voxels, written as int16 HU with its affine."""
-    import nibabel as nib
-
-    if tuple(images.shape) != tuple(volume.images.shape):
-        raise ConfigError(f"{path}: images of shape {tuple(images.shape)} do not match volume {volume.name} "
-                          f"{tuple(volume.images.shape)}")
-    img = nib.Nifti1Image(volume.to_hu(images), volume.affine)
-    img.header.set_xyzt_units("mm")
-    img.header["descrip"] = f"ldir-pl reconstruction of {volume.name}"[:79].encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(img, str(path))
-    return path
-
-
 # ---------------------------------------------------------------------------------------------- DICOM
 @dataclass(frozen=True)
 class _Slice:
@@ -130,8 +105,9 @@ class _Slice:
     hu: np.ndarray
 
 
-def _read_series_slice(path: Path) -> tuple[str, str, _Slice]:
+def _read_series_slice(path: Path, modalities: tuple[str, ...]) -> tuple[str, str, _Slice]:
     ds = open_dicom(path)
+    check_modality(ds, path, modalities)
     for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
         if tag not in ds:
             raise DataError(f"{path}: DICOM file has no {tag}, so it cannot be placed in a volume")
@@ -181,19 +157,19 @@ def _series_volume(uid: str, slices: list[_Slice], name: str) -> Volume:
     lps[:3, 3] = order[0].position
     hu = np.stack([s.hu for s in order])  # (S, H, W)
     images = hu_to_unit(torch.from_numpy(hu.astype(np.float32))).unsqueeze(1)
-    return Volume(name, images, LPS_TO_RAS @ lps, f"DICOM series {uid}")
+    return Volume(name, images, LPS_TO_RAS @ lps, f"DICOM series {uid}", files=tuple(s.path for s in order))
 
 
-def read_dicom_series(root: Path) -> dict[str, tuple[str, Volume]]:
+def read_dicom_series(root: Path, modalities: tuple[str, ...] = CT_MODALITIES) -> dict[str, tuple[str, Volume]]:
     """Every series under ``root``: name -> (patient id, volume). Names are the series folder (or the UID when
-    several series share a folder)."""
+    several series share a folder); files of other modalities than ``modalities`` are refused."""
     from ldir_pl.data.readers import DICOM_SUFFIXES, list_files
 
     groups: dict[str, list[_Slice]] = defaultdict(list)
     patients: dict[str, str] = {}
     folders: dict[str, set[Path]] = defaultdict(set)
     for path in list_files(root, DICOM_SUFFIXES, f"DICOM folder {root}"):
-        uid, patient, s = _read_series_slice(path)
+        uid, patient, s = _read_series_slice(path, modalities)
         groups[uid].append(s)
         patients[uid] = patient
         folders[uid].add(path.parent)
@@ -206,4 +182,4 @@ def read_dicom_series(root: Path) -> dict[str, tuple[str, Volume]]:
     return out
 
 
-__all__ = ["Volume", "read_dicom_series", "read_nifti", "slab_bounds", "write_nifti"]
+__all__ = ["Volume", "read_dicom_series", "slab_bounds"]

@@ -27,6 +27,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
 from torch import Tensor
 
+from ldir_pl.atomic import atomic_dir
 from ldir_pl.errors import ConfigError, MissingPathError
 from ldir_pl.models.intensity import IntensityTransform
 
@@ -98,12 +99,17 @@ class PriorBundle:
 
     # ------------------------------------------------------------------ disk
     def save_pretrained(self, path: str | Path, half: bool = False) -> Path:
-        """Write the bundle; ``half`` stores the weights in fp16 (half the size; ``from_pretrained`` loads fp32)."""
+        """Write the bundle (whole or not at all: into a temporary folder renamed when complete); ``half`` stores
+        the weights in fp16 (half the size; ``from_pretrained`` loads fp32)."""
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        with atomic_dir(path) as tmp:
+            self._write(tmp, half)
+        return path
+
+    def _write(self, path: Path, half: bool) -> None:
         if half:
             unet, vae = copy.deepcopy(self.unet).half(), None if self.vae is None else copy.deepcopy(self.vae).half()
-            return replace(self, unet=unet, vae=vae).save_pretrained(path)
+            return replace(self, unet=unet, vae=vae)._write(path, half=False)
         index = {"_class_name": "LDMPipeline" if self.kind == "latent" else "DDPMPipeline",
                  "_diffusers_version": diffusers.__version__,
                  "unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", type(self.scheduler).__name__]}
@@ -116,7 +122,7 @@ class PriorBundle:
         meta = {**self.metadata, "format_version": FORMAT_VERSION, "kind": self.kind, "image_size": self.image_size,
                 "latent_shape": list(self.latent_shape), "scaling_factor": self.scaling_factor}
         (path / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        return path
+        return None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, kind: Kind | None = None) -> PriorBundle:
@@ -145,13 +151,23 @@ class PriorBundle:
             raise ConfigError(f"{path} is an incomplete {found} prior bundle: missing {', '.join(missing)}/")
         for d in need[:1] + need[2:]:
             _require_safetensors(d)
-        unet = UNet2DModel.from_pretrained(path / "unet", use_safetensors=True, low_cpu_mem_usage=False).float().eval()
-        scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
-        vae = None
-        if found == "latent":  # weights stored in fp16 run in fp32
-            vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True, low_cpu_mem_usage=False).float().eval()
+        unet = _load_part(UNet2DModel, path / "unet")
+        scheduler = _load_part(DDPMScheduler, path / "scheduler")
+        vae = _load_part(AutoencoderKL, vae_dir) if found == "latent" else None  # fp16 weights run in fp32
         return cls(unet, scheduler, vae, float(meta.get("scaling_factor", 1.0)), int(meta["image_size"]),
                    tuple(int(v) for v in meta["latent_shape"]), found, meta)
+
+
+def _load_part(cls, folder: Path):
+    """One diffusers part of a bundle; a truncated or foreign weights file is an error naming it."""
+    try:
+        if cls is DDPMScheduler:
+            return cls.from_pretrained(folder)
+        return cls.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False).float().eval()
+    except Exception as err:  # noqa: BLE001 - safetensors, json and diffusers raise many types; re-raised naming the file
+        what = folder / (WEIGHTS if cls is not DDPMScheduler else "scheduler_config.json")
+        raise ConfigError(f"{what}: cannot be loaded as a {cls.__name__} ({type(err).__name__}: "
+                          f"{' '.join(str(err).split())[:200]})") from err
 
 
 def _require_safetensors(folder: Path) -> None:

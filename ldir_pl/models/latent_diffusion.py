@@ -6,17 +6,22 @@ optimiser, sampling for validation); subclasses only say how images map to the d
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
+from diffusers import AutoencoderKL, UNet2DModel
 
+from ldir_pl import interrupt
 from ldir_pl.errors import ConfigError
 
 from .ema import EMA
 from .images import log_image_grid
+from .init_from import load_bundle_weights, stage_minutes
 from .latent_norm import channel_moments, fold_channel_normalization
+from .prior_quality import ddim_samples, denoising_loss, sample_statistics
 from .schedules import make_ddpm_scheduler
 from .training import PriorTrainingModule
 from .vae import from_model, load_vae, to_model
@@ -72,6 +77,8 @@ class DiffusionModule(PriorTrainingModule):
         self.noise_scheduler = make_ddpm_scheduler(**scheduler)
         self.unet: UNet2DModel  # built by the subclass once the diffused shape is known
         self.ema: EMA
+        self.minutes_before = 0.0  # training minutes of the weights this run starts from (init_from)
+        self._val_real: list[torch.Tensor] = []
 
     # --- subclass interface -------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,30 +124,42 @@ class DiffusionModule(PriorTrainingModule):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self.ema.update(self.unet)
 
+    def clean_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> the diffused variable without posterior sampling (the fixed held-out figure's input)."""
+        return self.encode(x)
+
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         # Fixed noise per batch so val/loss is comparable across epochs (and sweep trials).
         g = torch.Generator(device=batch.device).manual_seed(self.hparams.sample_seed + batch_idx)
         z0 = self.encode(batch)
         self.log("val/loss", self.diffusion_loss(z0, self.ema.module, generator=g), sync_dist=True, prog_bar=True)
+        grid = denoising_loss(self.ema.module, self.noise_scheduler, self.clean_latents(batch),
+                              seed=self.hparams.sample_seed + batch_idx)
+        self.log("val/eps_mse_grid", sum(grid.values()) / len(grid), sync_dist=True, batch_size=len(batch))
+        if sum(len(b) for b in self._val_real) < 64:  # real slices the samples are compared with
+            self._val_real.append(batch.detach().cpu())
+
+    def on_fit_start(self) -> None:
+        self._fit_start = time.perf_counter()
 
     def on_validation_epoch_end(self) -> None:
+        real, self._val_real = self._val_real, []
         if self.trainer.sanity_checking or not self.trainer.is_global_zero or self.hparams.num_val_samples <= 0:
             return
         samples = self.sample(self.hparams.num_val_samples, self.hparams.val_inference_steps, self.hparams.sample_seed)
+        minutes = self.minutes_before + (time.perf_counter() - getattr(self, "_fit_start", time.perf_counter())) / 60
+        self.log("val/train_minutes", minutes, rank_zero_only=True)
         self.log("val/sample_mean", samples.mean(), rank_zero_only=True)
+        if real:
+            stats = sample_statistics(samples, torch.cat(real))
+            self.log_dict({f"val/{k}": v for k, v in stats.items()}, rank_zero_only=True)
         log_image_grid(self, "val/samples", samples)
 
     @torch.no_grad()
     def sample(self, n: int, num_inference_steps: int = 50, seed: int = 0) -> torch.Tensor:
-        """Unconditional DDIM samples from the EMA network, decoded to images in [0,1]."""
-        ddim = DDIMScheduler.from_config(self.noise_scheduler.config)
-        ddim.set_timesteps(num_inference_steps)
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        z = torch.randn((n, *self.sample_shape), generator=g).to(self.device)
-        for t in ddim.timesteps:
-            eps = self.ema.module(z, t.to(self.device)).sample
-            z = ddim.step(eps, t, z).prev_sample
-        return self.decode(z)
+        """Unconditional samples from the EMA network as ``ldir-sample`` draws them, decoded to images in [0,1]."""
+        return ddim_samples(self.ema.module, self.noise_scheduler.config, self.decode, self.sample_shape, n,
+                            num_inference_steps, seed)
 
     def trained_parameters(self):
         return self.unet.parameters()
@@ -167,7 +186,7 @@ class LatentDiffusionModule(DiffusionModule):
 
     def __init__(self, *, vae_path: str, image_size: int, scaling_factor: float | None, latent_norm: str,
                  scale_estimation_batches: int, sample_posterior: bool, cache_latents: bool,
-                 **diffusion: Any) -> None:
+                 init_from: str | None = None, **diffusion: Any) -> None:
         super().__init__(**diffusion)
         self.save_hyperparameters()
         if latent_norm not in LATENT_NORMS:
@@ -179,12 +198,25 @@ class LatentDiffusionModule(DiffusionModule):
         self.latent_size = image_size // factor
         self.register_buffer("scaling_factor", torch.tensor(float(scaling_factor or 0.0)))
         self._init_networks(self.vae.config.latent_channels, self.latent_size)
+        if init_from:
+            self._continue_from(str(init_from), vae_path)
         self._cache: torch.Tensor | None = None  # (N, 2C, h, w) posterior mean and std of every training image
         self._order: torch.Tensor | None = None
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
         return (self.vae.config.latent_channels, self.latent_size, self.latent_size)
+
+    def _continue_from(self, bundle: str, vae_path: str) -> None:
+        """Start the UNet and its EMA copy from a bundle's (EMA) UNet. On the bundle's own VAE its latent scaling
+        is kept, so the UNet sees the latents it was trained on; on another VAE the scaling is estimated anew."""
+        meta = load_bundle_weights(self.unet, bundle, "unet")
+        self.ema.module.load_state_dict(self.unet.state_dict())
+        self.ema.warmup = False  # the average starts from trained weights, not from a random initialisation
+        self.minutes_before = stage_minutes(meta, "ldm")
+        same_vae = Path(vae_path).resolve() == Path(bundle).resolve()
+        if same_vae and self.hparams.scaling_factor is None:
+            self.scaling_factor.fill_(float(meta.get("scaling_factor", 1.0)))
 
     def train(self, mode: bool = True) -> LatentDiffusionModule:
         super().train(mode)
@@ -201,6 +233,7 @@ class LatentDiffusionModule(DiffusionModule):
         """Posterior mean and std of each (1,H,W) training image, concatenated on channels."""
         out = []
         for i in range(0, len(images), batch_size):
+            interrupt.check()
             x = torch.stack(images[i:i + batch_size]).to(self.device)
             dist = self.vae.encode(to_model(x)).latent_dist
             out.append(torch.cat([dist.mean, dist.std], dim=1).cpu())
@@ -226,6 +259,9 @@ class LatentDiffusionModule(DiffusionModule):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self._raw_latents(x) * self.scaling_factor
 
+    def clean_latents(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(to_model(x)).latent_dist.mode() * self.scaling_factor
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return from_model(self.vae.decode(z / self.scaling_factor).sample)
 
@@ -246,6 +282,7 @@ class LatentDiffusionModule(DiffusionModule):
         return float(1.0 / var.clamp_min(1e-12).sqrt())
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         if self.hparams.cache_latents:
             dm = self.trainer.datamodule
             if dm is None or not hasattr(dm, "items"):

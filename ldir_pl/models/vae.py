@@ -9,10 +9,12 @@ import torch
 from diffusers import AutoencoderKL
 from torchmetrics.functional import structural_similarity_index_measure
 
+from ldir_pl.atomic import atomic_dir
 from ldir_pl.errors import ConfigError, MissingPathError
 from ldir_pl.metrics import psnr, ssim
 
 from .images import log_image_grid
+from .init_from import bundle_part, load_bundle_weights
 from .intensity import DEFAULT as INTENSITY
 from .training import CKPT_KIND_KEY, PriorTrainingModule
 
@@ -61,10 +63,12 @@ class VAEModule(PriorTrainingModule):
 
     def __init__(self, *, image_size: int, autoencoder: dict, lr: float, weight_decay: float, warmup_steps: int,
                  min_lr_ratio: float, kl_weight: float, ssim_weight: float, num_val_images: int,
-                 train_crop: int | None) -> None:
+                 train_crop: int | None, init_from: str | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.vae = build_autoencoder(image_size, **autoencoder)
+        if init_from:  # training that continues: the bundle's VAE (architecture checked) is the start
+            load_bundle_weights(self.vae, init_from, "vae")
         self._val_images: list[torch.Tensor] = []
 
     @property
@@ -128,7 +132,8 @@ class VAEModule(PriorTrainingModule):
     def export(self, path: str | Path) -> Path:
         """Write the autoencoder as a diffusers folder (what the latent stage loads)."""
         path = Path(path)
-        self.vae.save_pretrained(path)
+        with atomic_dir(path) as tmp:
+            self.vae.save_pretrained(tmp)
         return path
 
 
@@ -147,9 +152,10 @@ def load_vae(path: str | Path, map_location: str | torch.device = "cpu") -> Auto
         raise MissingPathError(f"VAE not found: {path} (run the 'vae' stage first or set model.ldm.vae_path)")
     if path.is_dir():
         if (path / "ldir_prior.json").exists():
-            if not (path / "vae").is_dir():
-                raise ConfigError(f"{path} is a prior bundle without vae/ (a pixel-space prior?), not a VAE")
-            path = path / "vae"
+            try:
+                path = bundle_part(path, "vae")
+            except ConfigError as err:
+                raise ConfigError(f"{path} is a prior bundle without a VAE (a pixel-space prior?), not a VAE") from err
         cfg_file = path / "config.json"
         if not cfg_file.exists():
             raise ConfigError(f"{path} is not a diffusers AutoencoderKL folder (no config.json)")

@@ -23,7 +23,7 @@ from ldir_pl.physics.noise import NoiseModel
 class LinearPhysics(nn.Module):
     """Base class: subclasses implement ``A``, ``A_adjoint`` and ``label`` (and ``meas_shape`` unless it is the image's)."""
 
-    kind = "linear"
+    family = "linear"
 
     def __init__(self, image_size: int, noise: NoiseModel, seed: int = 0, dagger_iters: int = 10) -> None:
         super().__init__()
@@ -110,4 +110,4 @@ class LinearPhysics(nn.Module):
                              f"expected (B, 1, {self.image_size}, {self.image_size})")
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "image_size": self.image_size, "noise": self.noise.describe()}
+        return {"family": self.family, "image_size": self.image_size, "noise": self.noise.describe()}

@@ -34,7 +34,7 @@ class Blur(LinearPhysics):
         boundary: ``circular`` (periodic image) or ``zero`` (zero outside the field).
     """
 
-    kind = "blur"
+    family = "blur"
 
     def __init__(self, *, image_size: int, noise: NoiseModel, sigma: float | None = None,
                  kernel: Sequence[Sequence[float]] | None = None, boundary: str = "circular", seed: int = 0,

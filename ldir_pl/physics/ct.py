@@ -9,7 +9,7 @@ import torch
 from odl.applications import tomo
 from torch import Tensor
 
-from ldir_pl.errors import ConfigError
+from ldir_pl.errors import ConfigError, as_int
 from ldir_pl.physics.base import LinearPhysics
 from ldir_pl.physics.geometry import CTGeometry
 from ldir_pl.physics.noise import NoiseModel
@@ -21,7 +21,7 @@ class CTPhysics(LinearPhysics):
     protocol's Hann filter at 0.8 frequency scaling), computed on the physically weighted operator that
     ``fbp_op`` is derived for."""
 
-    kind = "ct"
+    family = "ct"
 
     def __init__(
         self,
@@ -29,7 +29,7 @@ class CTPhysics(LinearPhysics):
         num_views: int,
         image_size: int,
         noise: NoiseModel,
-        kind: str = "parallel",
+        beam: str = "parallel",
         angle_range_deg: Sequence[float] | None = None,
         extent: float = 1.0,
         det_count: int | None = None,
@@ -42,12 +42,13 @@ class CTPhysics(LinearPhysics):
         seed: int = 0,
         cache_dir: str | None = None,
     ) -> None:
+        image_size = as_int(image_size, "physics.image_size")
         super().__init__(image_size, noise, seed)
         self.geometry = CTGeometry(
-            kind=kind, num_views=int(num_views),
+            beam=beam, num_views=as_int(num_views, "physics.num_views"),
             angle_range_deg=tuple(angle_range_deg) if angle_range_deg is not None else None,
-            image_size=int(image_size), extent=float(extent),
-            det_count=None if det_count is None else int(det_count),
+            image_size=image_size, extent=float(extent),
+            det_count=None if det_count is None else as_int(det_count, "physics.det_count"),
             src_radius=float(src_radius), det_radius=float(det_radius),
         )
         if not 0 < float(fbp_frequency_scaling) <= 1:
@@ -64,7 +65,7 @@ class CTPhysics(LinearPhysics):
     def label(self) -> str:
         g = self.geometry
         a0, a1 = g.angles_deg
-        return f"{g.kind} beam, {g.num_views} views over [{a0:g}, {a1:g}) deg"
+        return f"{g.beam} beam, {g.num_views} views over [{a0:g}, {a1:g}) deg"
 
     def A(self, x: Tensor) -> Tensor:
         return self.ray(x)

@@ -17,7 +17,7 @@ from odl.applications import tomo
 
 from ldir_pl.errors import ConfigError
 
-GEOMETRY_KINDS = ("parallel", "fan")
+BEAMS = ("parallel", "fan")
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class CTGeometry:
     The image covers ``[-extent, extent]^2`` with ``image_size`` pixels a side.
     """
 
-    kind: str
+    beam: str
     num_views: int
     image_size: int
     angle_range_deg: tuple[float, float] | None = None
@@ -40,8 +40,8 @@ class CTGeometry:
     _cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.kind not in GEOMETRY_KINDS:
-            raise ConfigError(f"physics.kind={self.kind!r}: expected one of {GEOMETRY_KINDS}")
+        if self.beam not in BEAMS:
+            raise ConfigError(f"physics.beam={self.beam!r}: expected one of {BEAMS}")
         if int(self.num_views) < 1:
             raise ConfigError(f"physics.num_views={self.num_views}: need at least one view")
         if int(self.image_size) < 8:
@@ -51,7 +51,7 @@ class CTGeometry:
             if not a1 > a0:
                 raise ConfigError(f"physics.angle_range_deg={list(self.angle_range_deg)}: end must exceed start")
             object.__setattr__(self, "angle_range_deg", (a0, a1))
-        if self.kind == "fan" and self.src_radius <= self.extent * math.sqrt(2):
+        if self.beam == "fan" and self.src_radius <= self.extent * math.sqrt(2):
             raise ConfigError(
                 f"physics.src_radius={self.src_radius} lies inside the image (extent {self.extent}); "
                 "the source must be outside the field of view"
@@ -74,7 +74,7 @@ class CTGeometry:
     def angles_deg(self) -> tuple[float, float]:
         if self.angle_range_deg is not None:
             return self.angle_range_deg
-        return (0.0, 180.0) if self.kind == "parallel" else (0.0, 360.0)
+        return (0.0, 180.0) if self.beam == "parallel" else (0.0, 360.0)
 
     @property
     def image_shape(self) -> tuple[int, int]:
@@ -101,7 +101,7 @@ class CTGeometry:
         space = self.odl_space(unit_weighting=False)
         a0, a1 = (math.radians(a) for a in self.angles_deg)
         angles = odl.uniform_partition(a0, a1, int(self.num_views))
-        if self.kind == "parallel":
+        if self.beam == "parallel":
             ref = tomo.parallel_beam_geometry(space, num_angles=int(self.num_views))
             det = ref.det_partition
             if self.det_count is not None:

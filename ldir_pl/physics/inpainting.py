@@ -22,7 +22,7 @@ class Inpainting(LinearPhysics):
         mask_seed: seed of the random mask (one mask for every image, like a fixed detector defect).
     """
 
-    kind = "inpainting"
+    family = "inpainting"
 
     def __init__(self, *, image_size: int, missing: float, noise: NoiseModel, mask: str = "random",
                  mask_seed: int = 0, seed: int = 0) -> None:

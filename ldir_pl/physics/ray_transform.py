@@ -94,7 +94,7 @@ class RayTransform(nn.Module):
         if t.ndim != 4 or t.shape[1] != 1 or tuple(t.shape[-2:]) != tuple(shape):
             raise ConfigError(
                 f"{what} of shape {tuple(t.shape)} does not match the geometry: expected (B, 1, {shape[0]}, "
-                f"{shape[1]}) for {self.geometry.kind} beam, {self.geometry.num_views} views, "
+                f"{shape[1]}) for {self.geometry.beam} beam, {self.geometry.num_views} views, "
                 f"{self.geometry.image_size}x{self.geometry.image_size} image"
             )
 

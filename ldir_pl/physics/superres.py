@@ -14,7 +14,7 @@ from ldir_pl.physics.noise import NoiseModel
 class SuperResolution(LinearPhysics):
     """(B,1,N,N) -> (B,1,N/f,N/f). A A^T = I / f^2, so the pseudo-inverse f^2 A^T is nearest upsampling."""
 
-    kind = "superres"
+    family = "superres"
 
     def __init__(self, *, image_size: int, factor: int, noise: NoiseModel, seed: int = 0) -> None:
         super().__init__(image_size, noise, seed)

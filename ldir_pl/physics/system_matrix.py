@@ -68,7 +68,7 @@ def load_system_matrix(geometry: CTGeometry, cache_dir: str | Path | None = None
             log.warning("ignoring unreadable system-matrix cache %s (%s); re-exporting", path, err)
     t0 = time.perf_counter()
     mat = export_system_matrix(geometry)
-    log.info("exported %s system matrix %s (nnz %d) in %.2fs", geometry.kind, mat.shape, mat.nnz,
+    log.info("exported %s system matrix %s (nnz %d) in %.2fs", geometry.beam, mat.shape, mat.nnz,
              time.perf_counter() - t0)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

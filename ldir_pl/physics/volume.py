@@ -14,7 +14,7 @@ from ldir_pl.physics.base import LinearPhysics
 class VolumePhysics(LinearPhysics):
     """``slice_physics`` applied slice by slice to a z-ordered batch; ``z_ratio`` = in-plane / slice spacing."""
 
-    kind = "volume"
+    family = "volume"
 
     def __init__(self, slice_physics: LinearPhysics, z_ratio: float) -> None:
         if isinstance(slice_physics, VolumePhysics):

@@ -1,5 +1,5 @@
 """Reconstruction methods: classical (pseudo-inverse / FBP, TV) and one guided-diffusion loop (``GuidedDDIM``)
-that LDIR, latent DPS and pixel DPS configure (``conf/sampler/*.yaml``; ``ldir_pl.apps.sampler_configs.load_sampler`` builds one by name)."""
+that LDIR, latent DPS and pixel DPS configure (``conf/sampler/*.yaml``; ``ldir_pl.config.load_sampler`` builds one by name)."""
 
 from ldir_pl.sampling.base import Reconstructor
 from ldir_pl.sampling.guided_ddim import GuidedDDIM

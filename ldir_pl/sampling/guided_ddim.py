@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ldir_pl import interrupt
 from ldir_pl.errors import ConfigError
 from ldir_pl.physics import LinearPhysics, image_seed
 from ldir_pl.sampling.consistency import ZCoupledConsistency
@@ -93,6 +94,11 @@ class GuidedDDIM:
             self.prior.scheduler.config, timestep_spacing=str(timestep_spacing), clip_sample=clip_sample is not None,
             clip_sample_range=1.0 if clip_sample is None else float(clip_sample))
         self.latent_shape = tuple(int(s) for s in self.prior.latent_shape)
+        steps = self.num_steps if init is None else max(self.num_steps, round(self.num_steps / init.strength))
+        if steps > int(self.scheduler.config.num_train_timesteps):
+            raise ConfigError(f"sampler.num_steps={self.num_steps} needs a plan of {steps} DDIM steps"
+                              + ("" if init is None else f" (init.strength={init.strength})")
+                              + f", more than the prior's {self.scheduler.config.num_train_timesteps} timesteps")
 
     # ------------------------------------------------------------------ device and model pieces
     @property
@@ -183,7 +189,10 @@ class GuidedDDIM:
                 z = self.scheduler.add_noise(encoded, z, plan[:1]) if len(plan) else encoded
         losses = []
         n = len(plan)
-        for i, t in enumerate(tqdm(plan, desc=self.name, disable=not self.progress, leave=False)):
+        bar = tqdm(plan, desc=f"{self.name} ({len(ids)} images, {len(chunks)} chunks)", unit="step", leave=False,
+                   disable=not self.progress)
+        for i, t in enumerate(bar):
+            interrupt.check()
             lr = guide.lr(i, n, float(self.scheduler.alphas_cumprod[t]))
             through_unet = lr != 0.0 and guide.wrt == "zt"
             noise = None
@@ -191,6 +200,7 @@ class GuidedDDIM:
                 noise = torch.stack([torch.randn(self.latent_shape, generator=g) for g in gens]).to(z)
             prev, z0s, grads, misfit = [], [], [], []
             for c in chunks:
+                interrupt.check()
                 with torch.set_grad_enabled(through_unet):
                     zt = z[c].detach().requires_grad_(through_unet)
                     out = self.prior.unet(zt, t.to(z.device)).sample
@@ -237,6 +247,7 @@ class GuidedDDIM:
         guide, losses = self.guidance, []
         for _ in tqdm(range(guide.final_steps), desc=f"{self.name} t=0", disable=not self.progress or not guide.final_steps,
                       leave=False):
+            interrupt.check()
             parts = []
             for c in chunks:
                 var = z[c].detach().requires_grad_(True)

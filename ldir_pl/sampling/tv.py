@@ -23,7 +23,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
+from ldir_pl import interrupt
 from ldir_pl.errors import ConfigError
 from ldir_pl.physics import LinearPhysics
 from ldir_pl.physics.linalg import power_iteration
@@ -77,18 +79,19 @@ class TVReconstructor:
     slices, weighted by the in-plane / slice spacing ratio; the volume converges as one object."""
 
     def __init__(self, weight: float, max_iterations: int, tol: float, init: str = "pinv", name: str = "tv",
-                 along_z: bool = False) -> None:
+                 along_z: bool = False, progress: bool = False) -> None:
         if weight < 0 or max_iterations < 1 or tol < 0:
             raise ConfigError(f"TV: weight={weight} and tol={tol} must be >= 0, max_iterations={max_iterations} >= 1")
         if init not in INITS:
             raise ConfigError(f"TV init={init!r}: expected one of {INITS}")
         self.weight, self.max_iterations, self.tol = float(weight), int(max_iterations), float(tol)
-        self.init, self.name, self.along_z = init, str(name), bool(along_z)
+        self.init, self.name, self.along_z, self.progress = init, str(name), bool(along_z), bool(progress)
         self._balances: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def along(self, z: bool) -> TVReconstructor:
         """The same problem with (or without) TV along z."""
-        return TVReconstructor(self.weight, self.max_iterations, self.tol, self.init, self.name, along_z=z)
+        return TVReconstructor(self.weight, self.max_iterations, self.tol, self.init, self.name, along_z=z,
+                               progress=self.progress)
 
     @torch.no_grad()
     def reconstruct(self, y: Tensor, physics: LinearPhysics, ids: Sequence[int | str] | None = None) -> Tensor:
@@ -161,7 +164,10 @@ class TVReconstructor:
         active = torch.ones(n, dtype=torch.bool, device=y.device)
         iterations = [self.max_iterations] * n
         x_check = x.clone()
+        bar = tqdm(total=self.max_iterations, desc=f"{self.name} PDHG", unit="it", leave=False, mininterval=0.5,
+                   disable=None if self.progress else True)  # None: on a terminal only, never in a log file
         for k in range(1, self.max_iterations + 1):
+            interrupt.check()
             # dual step: prox of sigma * g^*, g = ||. - y||^2 (+) c ||.||_1 (weights cancel in both proxes)
             q1_new = (q1 + sigma * A(x_bar) - sigma * y) / (1 + sigma / 2)
             q2_new = (q2 + sigma * bal.scale * forward_diff(x_bar, h, hz)).clamp(-c, c)
@@ -175,6 +181,8 @@ class TVReconstructor:
             q1, q2 = torch.where(keep, q1_new, q1), torch.where(keep, q2_new, q2)
             x_bar = torch.where(keep, 2 * x_new - x, x)
             x = torch.where(keep, x_new, x)
+            if k % CHECK_EVERY == 0:
+                bar.update(CHECK_EVERY)
             if self.tol > 0 and k % CHECK_EVERY == 0:
                 change = (x - x_check).flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1).clamp_min(1e-12)
                 if hz is not None:  # the slices of a volume are coupled: it stops as a whole
@@ -184,8 +192,10 @@ class TVReconstructor:
                     iterations[i] = k
                 active &= ~done
                 x_check = x.clone()
+                bar.set_postfix_str(f"{int(active.sum())}/{n} images moving")
                 if not bool(active.any()):
                     break
+        bar.close()
         return TVResult(x.clamp(0, 1), iterations)
 
 
