@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 from ablation import stamp  # noqa: E402
 
 
-def vae_fidelity(prior: str | Path, data_root: str, split: str) -> dict:
+def vae_fidelity(prior: str | Path, data_root: str, split: str, max_images: int | None = None) -> dict:
     """Mean PSNR / SSIM of decode(encode(x)) (posterior mean) on the split's slices, with n."""
     import torch
     from hydra.utils import instantiate
@@ -34,7 +34,7 @@ def vae_fidelity(prior: str | Path, data_root: str, split: str) -> dict:
 
     bundle = PriorBundle.from_pretrained(prior)
     dm = instantiate(compose_sampler("fbp", ["data=dicom", f"data.root={data_root}"]).data)
-    items = dm.items(split)
+    items = dm.items(split)[:max_images]
     psnr, ssim = [], []
     with torch.no_grad():
         for i in range(0, len(items), 4):
@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--dest", default=None, help="where the packaged prior goes (default: ldir_pl/priors/NAME)")
     ap.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data" / "ct-dicom"))
     ap.add_argument("--out", default="outputs/package_prior", help="where the tables go")
+    ap.add_argument("--max-images", type=int, default=None, help="test slices of the VAE fidelity (default: all)")
     args = ap.parse_args()
     dest = Path(args.dest) if args.dest else ROOT / "ldir_pl" / "priors" / args.name
     cmd = f"`python experiments/package_prior.py {' '.join(sys.argv[1:])}` ({stamp()})".replace(str(ROOT) + "/", "")
@@ -104,8 +105,8 @@ def main() -> None:
     meta = dest / "ldir_prior.json"  # the training config, with this machine's folders made relative
     text = meta.read_text().replace(str(ROOT.parent / "shared"), "../shared").replace(str(ROOT) + "/", "")
     meta.write_text(text)
-    fidelity = {"fp32": vae_fidelity(run / "prior", args.data_root, "test"),
-                "fp16": vae_fidelity(dest, args.data_root, "test")}
+    fidelity = {"fp32": vae_fidelity(run / "prior", args.data_root, "test", args.max_images),
+                "fp16": vae_fidelity(dest, args.data_root, "test", args.max_images)}
     (dest / "vae_fidelity.json").write_text(json.dumps(fidelity, indent=2) + "\n")
     (dest / "train_summary.json").unlink(missing_ok=True)  # the history in ldir_prior.json says it all
     write_tables(dest, cmd, Path(args.out))

@@ -154,8 +154,8 @@ def main() -> None:
         start = evaluate(args.start, images, args.samples, args.steps) if args.start else None
         plot_curve(curve, start, Path(args.figure))
         result["curve"] = curve
-        md += ["", f"Curve: `{Path(args.figure).relative_to(ROOT) if Path(args.figure).is_absolute() else args.figure}`"
-               f" ({len(curve)} validations of `{args.curve}`)."]
+        figure = str(Path(args.figure).resolve()).replace(str(ROOT) + "/", "")
+        md += ["", f"Curve: `{figure}` ({len(curve)} validations of `{args.curve}`)."]
     (out / "prior_quality.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "prior_quality.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

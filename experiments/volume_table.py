@@ -62,8 +62,8 @@ def main() -> None:
             mine = {r["id"]: r for r in rows if r["method"] == method}
 
             def cell(rs: list[dict]) -> str:
-                def mean(key: str) -> float:
-                    return sum(float(r[key]) for r in rs) / len(rs)
+                def mean(key: str) -> float:  # nan where a slab is too thin for the metric (no column)
+                    return sum(float(r.get(key) or "nan") for r in rs) / len(rs)
                 return (f"{mean('psnr'):.2f} / {mean('ssim'):.3f} \\| {mean('psnr_coronal'):.2f} / "
                         f"{mean('ssim_coronal'):.3f} \\| {mean('seconds'):.1f}")
             md.append(f"| {method} | " + " | ".join(cell([mine[v]]) for v in volumes)
