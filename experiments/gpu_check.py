@@ -40,7 +40,7 @@ def steps(device: str, quick: bool) -> dict[str, tuple[list[str], int]]:
         "physics": ([f"{exp}/bench_physics.py", "--device", device, "--cases", "256x23,256x60,512x60",
                      "--batch", "8", "--reps", "5"], 60),
         "sampler": ([f"{exp}/bench_sampler.py", "--device", device, "--views", "23", "--batch", "8",
-                     "--ldir-steps", "20", "50"], 90),
+                     "--ldir-steps", "20"], 300),  # one LDIR setting and pixel DPS: each a fresh process
         "swap": ([f"{exp}/bench_swap.py", "--device", device, "--full", "--models", "unet,resnet152",
                   "--batch", "32", "--steps", "5", "--warmup", "2", "--search-max", "256", "--trial-steps", "4"], 180),
     }
@@ -99,12 +99,29 @@ def run_step(name: str, argv: list[str], limit: int) -> dict:
     return result
 
 
+def write_summary(report: dict, out: Path) -> None:
+    """``OUT/gpu_check.json`` (everything) and ``OUT/gpu_check.md`` (one line per step), which
+    ``update_docs.py`` copies into docs/results/."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [f"`make gpu-check` on {report.get('gpu') or report['device']} (torch {report['torch']}, "
+             f"{time.strftime('%Y-%m-%d')}): {'ok' if report['ok'] else 'failed: ' + ', '.join(report['failed_steps'])}",
+             "", "| step | status | seconds | result |", "|---|---|---|---|"]
+    for name, step in report.items():
+        if isinstance(step, dict) and "status" in step:
+            result = step.get("counts") or {k: v for k, v in (step.get("result") or {}).items()
+                                            if isinstance(v, (int, float, str))}
+            lines.append(f"| {name} | {step['status']} | {step['seconds']} | {json.dumps(result)[:300]} |")
+    (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run of the same pipeline)")
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--only", nargs="*", default=None, help="run only these steps")
+    ap.add_argument("--out", default="outputs/gpu_check", help="gpu_check.json and the markdown summary go here")
     args = ap.parse_args(argv)
     import torch
 
@@ -125,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         failed.append("tests")
     report["ok"] = not failed
     report["failed_steps"] = sorted(set(failed))
+    write_summary(report, Path(args.out))
     print(json.dumps(report))
     return 0 if report["ok"] else 1
 

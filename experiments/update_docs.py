@@ -32,6 +32,8 @@ SOURCES = {
     "speed_final30": "outputs/tune_sampler_final30/speed.md",
     "training": "outputs/package_prior/training.md",
     "vae_fidelity": "outputs/package_prior/vae_fidelity.md",
+    "prior_quality": "outputs/prior_quality/prior_quality.md",
+    "gpu_check": "outputs/gpu_check/gpu_check.md",
 }
 BLOCK = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 DOCS = ["README.md", *(str(p.relative_to(ROOT)) for p in sorted((ROOT / "docs").glob("*.md"))),

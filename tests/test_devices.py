@@ -38,8 +38,12 @@ def test_sparse_operator_on_device_matches_odl(device):
     y = torch.rand(2, 1, *physics.meas_shape, generator=torch.Generator().manual_seed(0))
     physics.to(device)
     ax, aty = physics.A(x.to(device)).cpu(), physics.A_adjoint(y.to(device)).cpu()
+    # the forward matches ODL's projector on the device (astra_cuda there); the adjoint is the exact transpose of
+    # the matrix, i.e. ODL's CPU backprojector: astra's CUDA backprojector is a different discretisation (~1%)
     assert torch.allclose(ax, odl_op(x), rtol=1e-3, atol=1e-3 * float(ax.abs().max()))
-    assert torch.allclose(aty, odl_op.adjoint(y), rtol=1e-3, atol=1e-3 * float(aty.abs().max()))
+    odl_cpu = RayTransform(physics.geometry, backend="odl", impl="astra_cpu")
+    assert torch.allclose(aty, odl_cpu.adjoint(y), rtol=1e-3, atol=1e-3 * float(aty.abs().max()))
+    assert torch.allclose((ax * y).sum(), (x * aty).sum(), rtol=1e-4)  # <Ax, y> = <x, A^T y> in the plain sums
     cpu = CTPhysics(num_views=30, image_size=64, noise=NOISE)
     assert torch.allclose(ax, cpu.A(x), rtol=1e-5, atol=1e-5 * float(ax.abs().max()))
 

@@ -12,12 +12,14 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import gpu_check  # noqa: E402
 
 
-def test_quick_cpu_run_prints_one_json_with_every_benchmark():
+def test_quick_cpu_run_prints_one_json_with_every_benchmark(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "gpu_check.py"), "--device", "cpu", "--quick",
-                           "--skip-tests"], capture_output=True, text=True, timeout=600)
+                           "--skip-tests", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["ok"] and report["failed_steps"] == []
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["ok"]
+    assert "| swap | ok |" in (tmp_path / "gpu_check.md").read_text()
     assert report["physics"]["result"]["cases"]["64x10"]["speedup"] > 0
     sampler = report["sampler"]["result"]
     assert sampler["ldir_s_per_image"] > 0 and sampler["pixel_dps_peak_mem_mb"] > 0
