@@ -70,6 +70,48 @@ def write_tables(dest: Path, cmd: str, out: Path) -> None:
         + [f"| {k} | {v['psnr']:.2f} | {v['ssim']:.3f} | {v['n']} |" for k, v in fidelity.items()]) + "\n")
 
 
+def bundle_from_checkpoint(ckpt: Path, where: str) -> Path:
+    """The bundle of a latent-stage checkpoint of a run that stopped before exporting (``OUT/ldm/checkpoints/
+    *.ckpt``): its EMA UNet and VAE, with the run's training history (minutes from the run's own log at the
+    checkpoint's epoch) and data record, written to ``OUT/prior``."""
+    import csv
+
+    import torch
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from ldir_pl.apps.train import training_data
+    from ldir_pl.models.bundle import save_prior
+    from ldir_pl.models.intensity import DEFAULT as INTENSITY
+    from ldir_pl.models.latent_diffusion import LatentDiffusionModule
+
+    from ldir_pl.config import register_resolvers
+
+    register_resolvers()
+    run = ckpt.parent.parent.parent
+    cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    module = LatentDiffusionModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    epoch, step = int(state["epoch"]), int(state["global_step"])
+    before = module.minutes_before
+    minutes = max(float(r["val/train_minutes"]) for log in run.glob("ldm/logs/*/metrics.csv")
+                  for r in csv.DictReader(log.open()) if r.get("val/train_minutes") and int(r["epoch"]) <= epoch)
+    metric = str(cfg.get("optimized_metric") or "val/loss")
+    best = next(iter(state["callbacks"].values())).get("best_model_score")
+    start = json.loads((Path(str(cfg.init_from)) / "ldir_prior.json").read_text()) if cfg.get("init_from") else {}
+    history = [*start.get("training_history", []),
+               {"stage": "ldm", "experiment": cfg.experiment_name, "date": stamp().split(",")[0],
+                "minutes": round(minutes - before, 1), "epochs": epoch + 1,
+                "images_seen": step * int(cfg.stages.ldm.data.get("batch_size", cfg.data.batch_size)), "where": where,
+                metric: None if best is None else float(best)}]
+    data = instantiate(OmegaConf.merge(cfg.data, cfg.stages.ldm.get("data") or {}), _convert_="all")
+    meta = {"training_history": history, "training_data": training_data(data), "image_size": int(cfg.data.image_size),
+            "intensity_transform": INTENSITY.as_dict(), "experiment": cfg.experiment_name,
+            "scaling_factor": float(module.scaling_factor), "stopped_early": {"checkpoint": ckpt.name, "epoch": epoch},
+            "training_config": OmegaConf.to_container(cfg, resolve=False)}
+    return save_prior(run / "prior", module.export_vae(), module.export_unet(), module.noise_scheduler, meta)
+
+
 #: what a bundle folder holds (the packaged folder's README.md and sample grid stay)
 BUNDLE_PARTS = ("vqvae", "unet", "scheduler", "model_index.json", "ldir_prior.json")
 
@@ -78,6 +120,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", help="an ldir-train output folder (holding prior/); without it, only the tables are "
                                   "written from the packaged folder")
+    ap.add_argument("--ckpt", default=None, help="a latent-stage checkpoint of a run stopped before its export: "
+                                                  "its bundle is written to the run's prior/ first")
+    ap.add_argument("--where", default="CPU", help="where the run trained (with --ckpt: the checkpoint does not say)")
     ap.add_argument("--name", default="ct256")
     ap.add_argument("--dest", default=None, help="where the packaged prior goes (default: ldir_pl/priors/NAME)")
     ap.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data" / "ct-dicom"))
@@ -86,6 +131,8 @@ def main() -> None:
     args = ap.parse_args()
     dest = Path(args.dest) if args.dest else ROOT / "ldir_pl" / "priors" / args.name
     cmd = f"`python experiments/package_prior.py {' '.join(sys.argv[1:])}` ({stamp()})".replace(str(ROOT) + "/", "")
+    if args.ckpt:
+        args.run = str(bundle_from_checkpoint(Path(args.ckpt), args.where).parent)
     if args.run is None:
         write_tables(dest, cmd, Path(args.out))
         return

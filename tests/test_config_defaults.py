@@ -43,7 +43,8 @@ def roots(group: str) -> list[str]:
                   if not any(f"- {q.stem}" in p.read_text() for q in (CONF / group).glob("*.yaml") if q != p))
 
 
-CASES = [("reconstruct", "data", n, ["++data.root=/some/dir"]) for n in roots("data")] + \
+CASES = [("reconstruct", "data", n, ["++data.path=/some/file.npz" if n == "packed" else "++data.root=/some/dir"])
+         for n in roots("data")] + \
         [("reconstruct", "physics", n, []) for n in roots("physics")] + \
         [("train", "model", None, [])]
 
