@@ -34,6 +34,7 @@ SOURCES = {
     "vae_fidelity": "outputs/package_prior/vae_fidelity.md",
     "prior_quality": "outputs/prior_quality/prior_quality.md",
     "gpu_check": "outputs/gpu_check/gpu_check.md",
+    "memory_budget": "outputs/memory_budget/memory_budget.md",
 }
 BLOCK = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 DOCS = ["README.md", *(str(p.relative_to(ROOT)) for p in sorted((ROOT / "docs").glob("*.md"))),

@@ -57,11 +57,14 @@ def cases(prior: Path, out: Path) -> dict[str, list[str]]:
                           prior.parent, "--figure", out / "curve.png", "--out", out, "--", "data.image_size=32"],
         "package_prior": ["--run", prior.parent, "--dest", out / "packaged", "--out", out / "tables", "--max-images", "1"],
         "update_docs": ["--check"],
+        "memory_budget": ["--device", "cpu", "--budgets-gb", "1", "--models", "unet", "--strategies", "none",
+                          "swap+search", "--start", "1", "--max-batch", "2", "--steps", "1", "--warmup", "0",
+                          "--out", out],
     }
 
 
 NAMES = ["ablation", "tune_sampler", "tune_tv", "sparse_view_table", "operator_table", "volume_table", "profile_ldir",
-         "prior_quality", "package_prior", "update_docs"]
+         "prior_quality", "package_prior", "update_docs", "memory_budget"]
 COVERED_ELSEWHERE = {"gpu_check": "test_gpu_check.py (its --quick CPU run)",
                      "bench_swap": "test_gpu_check.py (gpu_check runs it)",
                      "bench_sampler": "test_gpu_check.py (gpu_check runs it)",
@@ -80,7 +83,7 @@ def test_script_runs_on_a_tiny_case(name, prior, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     out = tmp_path / "out"
     script(name, *cases(prior, out)[name])
-    if name in ("ablation", "tune_sampler", "sparse_view_table", "volume_table", "prior_quality"):
+    if name in ("ablation", "tune_sampler", "sparse_view_table", "volume_table", "prior_quality", "memory_budget"):
         written = [p for p in out.rglob("*") if p.suffix in (".md", ".json")]
         assert written, f"{name} wrote no table"
     if name == "prior_quality":
