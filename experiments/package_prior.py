@@ -80,12 +80,11 @@ def bundle_from_checkpoint(ckpt: Path, where: str) -> Path:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from ldir_pl.apps.train import training_data
+    from ldir_pl.config import register_resolvers
+    from ldir_pl.data.base import split_record
     from ldir_pl.models.bundle import save_prior
     from ldir_pl.models.intensity import DEFAULT as INTENSITY
     from ldir_pl.models.latent_diffusion import LatentDiffusionModule
-
-    from ldir_pl.config import register_resolvers
 
     register_resolvers()
     run = ckpt.parent.parent.parent
@@ -105,7 +104,7 @@ def bundle_from_checkpoint(ckpt: Path, where: str) -> Path:
                 "images_seen": step * int(cfg.stages.ldm.data.get("batch_size", cfg.data.batch_size)), "where": where,
                 metric: None if best is None else float(best)}]
     data = instantiate(OmegaConf.merge(cfg.data, cfg.stages.ldm.get("data") or {}), _convert_="all")
-    meta = {"training_history": history, "training_data": training_data(data), "image_size": int(cfg.data.image_size),
+    meta = {"training_history": history, "training_data": split_record(data), "image_size": int(cfg.data.image_size),
             "intensity_transform": INTENSITY.as_dict(), "experiment": cfg.experiment_name,
             "scaling_factor": float(module.scaling_factor), "stopped_early": {"checkpoint": ckpt.name, "epoch": epoch},
             "training_config": OmegaConf.to_container(cfg, resolve=False)}

@@ -121,7 +121,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--volume-slices", type=int, default=40, help="slices of the held-out test volumes (evenly)")
-    ap.add_argument("--curve", default=None, help="a training run folder whose ldm logs give the curve")
+    ap.add_argument("--curve", action="append", default=None,
+                    help="a training run folder whose ldm logs give the curve (repeat for runs that continued it)")
     ap.add_argument("--start", default=None, help="the bundle the run started from (a point at its minutes)")
     ap.add_argument("--figure", default=str(ROOT / "docs" / "images" / "prior_quality_curve.png"))
     ap.add_argument("--out", default="outputs/prior_quality")
@@ -150,12 +151,12 @@ def main() -> None:
     md += ["", "Real slices through the same body check: "
            + ", ".join(f"{s} {v:.0%} (n={len(images[s])})" for s, v in real.items()) + "."]
     if args.curve:
-        curve = read_curve(Path(args.curve))
+        curve = sorted((r for run in args.curve for r in read_curve(Path(run))), key=lambda r: r["val/train_minutes"])
         start = evaluate(args.start, images, args.samples, args.steps) if args.start else None
         plot_curve(curve, start, Path(args.figure))
         result["curve"] = curve
         figure = str(Path(args.figure).resolve()).replace(str(ROOT) + "/", "")
-        md += ["", f"Curve: `{figure}` ({len(curve)} validations of `{args.curve}`)."]
+        md += ["", f"Curve: `{figure}` ({len(curve)} validations of {', '.join(f'`{c}`' for c in args.curve)})."]
     (out / "prior_quality.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "prior_quality.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

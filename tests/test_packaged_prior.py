@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from pydicom.data import get_testdata_file
 from safetensors import safe_open
@@ -18,22 +19,55 @@ from ldir_pl.models.bundle import PriorBundle
 from ldir_pl.priors import packaged_prior
 
 ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
 
 
 def test_packaged_prior_is_small_fp16_and_loads_in_fp32():
     path = packaged_prior("ct256")
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    assert size <= 24e6, f"{path} holds {size / 1e6:.1f} MB"
+    assert size <= 40 * 2**20, f"{path} holds {size / 2**20:.1f} MiB"
     for sub in ("vqvae", "unet"):
         with safe_open(str(path / sub / "diffusion_pytorch_model.safetensors"), "pt") as f:
             assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
     bundle = PriorBundle.from_pretrained(path)
     assert bundle.kind == "latent" and bundle.image_size == 256 and bundle.latent_shape == (16, 32, 32)
     assert {p.dtype for p in [*bundle.unet.parameters(), *bundle.vae.parameters()]} == {torch.float32}
+
+
+def test_readme_tables_are_the_bundles_own_record(tmp_path):
+    """The README's training table is what package_prior.py writes from the bundle's training history (every run,
+    minutes per stage, where it ran), and its fidelity table is the bundle's vae_fidelity.json."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from package_prior import write_tables
+
+    path = packaged_prior("ct256")
+    history = json.loads((path / "ldir_prior.json").read_text())["training_history"]
+    assert {r["stage"] for r in history} == {"vae", "ldm"} and all(r["minutes"] > 0 and r["where"] for r in history)
+    write_tables(path, "cmd", tmp_path)
     readme = (path / "README.md").read_text()
-    for words in ("ldir-train experiment=ct_cpu_long", "train_summary.json", "licen", "decode(encode(x))"):
-        assert words.lower() in readme.lower(), words
-    assert json.loads((path / "train_summary.json").read_text())["ldm"]["seconds"] > 0
+    for name in ("training", "vae_fidelity"):
+        rows = [ln for ln in (tmp_path / f"{name}.md").read_text().splitlines() if ln.startswith("|")]
+        assert rows and all(ln in readme for ln in rows), name  # each row, as written from the JSON
+
+
+@pytest.mark.skipif(not (SHARED / "ct-dicom").is_dir() or not (SHARED / "ct-volumes").is_dir(),
+                    reason="needs ../shared/data")
+def test_no_validation_or_test_patient_trained_the_packaged_prior():
+    """From the bundle's own record: the patients and volumes that trained it, checked against the splits every
+    table evaluates on (ct-dicom's validation and test patients, the held-out volumes)."""
+    from hydra.utils import instantiate
+
+    from ldir_pl.config import compose
+
+    record = json.loads((packaged_prior("ct256") / "ldir_prior.json").read_text())["training_data"]
+    trained = set(record["train"])
+    dicom = instantiate(compose("reconstruct", ["data=dicom", f"data.root={SHARED / 'ct-dicom'}"]).data)
+    volumes = instantiate(compose("reconstruct", ["data=ct_volumes", f"paths.data_dir={SHARED}"]).data)
+    held_out = {f"dicom:{p}" for s in ("val", "test") for p in dicom.groups(s)} | \
+        {f"volumes:{v}" for s in ("val", "test") for v in volumes.groups(s)}
+    assert held_out and not trained & held_out, trained & held_out
+    assert held_out <= set(record["val"]) | set(record["test"])  # the bundle recorded them as held out
+    assert record["train_images"] > 1000  # every slice of the training patients and volumes
 
 
 def test_diffusers_alone_samples_the_packaged_prior():

@@ -345,3 +345,20 @@ def test_debug_tiny_composes_and_builds_on_every_experiment(experiment):
     assert unet(z, torch.tensor([10])).sample.shape == z.shape
     assert pixel(torch.zeros(1, 1, 32, 32), torch.tensor([10])).sample.shape == (1, 1, 32, 32)
     assert sum(p.numel() for p in unet.parameters()) < 2e5
+
+
+def test_volume_runs_show_progress_and_progress_false_silences_it(tiny_prior, tmp_path):
+    import nibabel as nib
+
+    (tmp_path / "vols").mkdir()
+    hu = np.full((32, 32, 6), -1000, dtype=np.int16)
+    hu[8:24, 8:24] = 40
+    nib.save(nib.Nifti1Image(hu, np.diag([1.5, 1.5, 3.0, 1.0])), str(tmp_path / "vols" / "v.nii.gz"))
+    args = ["data=nifti", f"data.root={tmp_path / 'vols'}", "data.image_size=32", "physics.image_size=32",
+            "data.val_fraction=0", "recon.volume=true", "data.slices=4", "sampler=ldir3d", f"prior.path={tiny_prior}",
+            "sampler.num_steps=2", "sampler.guidance.final_steps=2", "tv.max_iterations=20", "baselines=[fbp]"]
+    shown = run("reconstruct", *args, f"output_dir={tmp_path / 'a'}")
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "ldir3d (4 images, 2 chunks)" in shown.stderr and "step" in shown.stderr  # the step bar: rate and ETA
+    quiet = run("reconstruct", *args, f"output_dir={tmp_path / 'b'}", "progress=false")
+    assert quiet.returncode == 0 and "ldir3d (" not in quiet.stderr

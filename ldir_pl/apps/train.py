@@ -25,6 +25,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from ldir_pl.apps.cli import command_run, run_hydra_app
 from ldir_pl.atomic import write_json
 from ldir_pl.config import CONF_DIR, compose
+from ldir_pl.data.base import split_record
 from ldir_pl.errors import ConfigError, MissingPathError
 from ldir_pl.models.bundle import save_prior
 from ldir_pl.models.intensity import DEFAULT as INTENSITY
@@ -197,16 +198,6 @@ def _load_best(module: pl.LightningModule, trainer: pl.Trainer) -> None:
         log.info("restored best checkpoint %s", best)
 
 
-def training_data(datamodule: Any) -> dict[str, Any]:
-    """Which patients / volumes trained the prior and which were held out, written into the bundle so that
-    anyone can check an evaluation set against it."""
-    if datamodule is None or not hasattr(datamodule, "groups"):
-        return {}
-    record: dict[str, Any] = {split: sorted(datamodule.groups(split)) for split in ("train", "val", "test")}
-    record["train_images"] = len(datamodule.items("train"))
-    return record
-
-
 def where_it_ran(trainer: pl.Trainer) -> str:
     """The machine a stage ran on, in words (what a reader needs to weigh its minutes)."""
     if trainer.strategy.root_device.type == "cuda":
@@ -234,7 +225,7 @@ def _metadata(cfg: DictConfig, results: dict[str, dict]) -> dict:
     last = results[list(results)[-1]]["trainer"]
     return {
         "training_history": training_history(cfg, results),
-        "training_data": training_data(last.datamodule),
+        "training_data": split_record(last.datamodule) if last.datamodule is not None else {},
         "image_size": int(cfg.data.image_size),
         "intensity_transform": INTENSITY.as_dict(),
         "experiment": cfg.experiment_name,

@@ -178,6 +178,14 @@ class SliceDataModule(pl.LightningDataModule):
                           batch_size=self.predict_batch_size, shuffle=False, num_workers=0)
 
 
+def split_record(datamodule: SliceDataModule) -> dict[str, object]:
+    """Which patients / volumes a data module trains on and which it holds out, as a prior bundle records them so
+    that anyone can check an evaluation set against what trained it."""
+    record: dict[str, object] = {split: sorted(datamodule.groups(split)) for split in ("train", "val", "test")}
+    record["train_images"] = len(datamodule.items("train"))
+    return record
+
+
 def split_by_group(groups: Sequence[str], val_fraction: float, test_fraction: float,
                    seed: int) -> dict[str, set[str]]:
     """Assign whole groups (patients) to train/val/test, deterministically from the seed."""

@@ -9,7 +9,8 @@ Two views of the same prior, both cheap enough to log at every validation and to
 - **sample statistics**: unconditional samples against real slices. ``hu_w1`` is the Wasserstein-1 distance
   (in HU) between the pooled HU values of samples and of real slices; ``body_share`` is the share of samples
   that look like an axial CT slice: one body region surrounded by air, holding soft tissue and bone
-  (``body_check``; real slices of every collection here pass it).
+  (``body_check``; 79 of 80 ct-dicom slices and 303 of 321 ct-volumes slices pass it, the misses being legs and
+  the top of a skull).
 """
 
 from __future__ import annotations
