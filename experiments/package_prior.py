@@ -55,14 +55,19 @@ def write_tables(dest: Path, cmd: str, out: Path) -> None:
     fidelity = json.loads((dest / "vae_fidelity.json").read_text())
     rows = [f"Training of `{dest.name}` ({size / 1e6:.1f} MB on disk); {cmd}", "",
             "| stage | run | date | where | epochs | images seen | minutes | validation |", "|---|---|---|---|---|---|---|---|"]
-    for k, r in enumerate(history, 1):
+    runs: list[tuple] = []  # a run is one command: its stages share experiment and date
+    for r in history:
+        key = (r.get("experiment"), r.get("date"))
+        if not runs or runs[-1] != key or r["stage"] == "vae":
+            runs.append(key)
+        k = len(runs)
         metric = ", ".join(f"{key} {v:.4g}" for key, v in r.items() if key.startswith("val/") and v is not None)
         rows.append(f"| {r['stage']} | {k}: {r.get('experiment', '-')} | {r.get('date', '-')} | {r.get('where', '-')} | "
                     f"{r.get('epochs', '-')} | {r.get('images_seen', '-')} | {r.get('minutes', 0):.0f} | {metric} |")
     for stage in dict.fromkeys(r["stage"] for r in history):
-        runs = [r for r in history if r["stage"] == stage]
-        rows.append(f"| **{stage} total** | {len(runs)} run(s) | | | {sum(r.get('epochs', 0) for r in runs)} | "
-                    f"{sum(r.get('images_seen', 0) for r in runs)} | **{sum(r.get('minutes', 0) for r in runs):.0f}** | |")
+        done = [r for r in history if r["stage"] == stage]
+        rows.append(f"| **{stage} total** | {len(done)} run(s) | | | {sum(r.get('epochs', 0) for r in done)} | "
+                    f"{sum(r.get('images_seen', 0) for r in done)} | **{sum(r.get('minutes', 0) for r in done):.0f}** | |")
     (out / "training.md").write_text("\n".join(rows) + "\n")
     (out / "vae_fidelity.md").write_text("\n".join(
         [f"decode(encode(x)) on the ct-dicom test patients; {cmd}", "", "| weights | PSNR | SSIM | n |",

@@ -30,6 +30,8 @@ SOURCES = {
     "profile": "outputs/profile_ldir/profile.md",
     "speed": "outputs/tune_sampler/speed.md",
     "speed_final30": "outputs/tune_sampler_final30/speed.md",
+    "tune_lam": "outputs/tune_sampler_lam/speed.md",
+    "tune_paper": "outputs/tune_paper/speed.md",
     "training": "outputs/package_prior/training.md",
     "vae_fidelity": "outputs/package_prior/vae_fidelity.md",
     "prior_quality": "outputs/prior_quality/prior_quality.md",

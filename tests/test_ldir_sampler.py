@@ -289,3 +289,20 @@ def test_every_sampler_config_builds_and_python_defaults_equal_the_yaml(name, la
     volume = VolumePhysics(ct_physics, z_ratio=0.5)  # a 2-slice volume: slice-wise methods run on it unchanged
     y = volume.measure(phantom(2), ["v/0", "v/1"])
     assert s.reconstruct(y, volume, ["v/0", "v/1"]).shape == (2, 1, SIZE, SIZE)
+
+
+def test_bf16_sampler_stays_close_to_fp32_and_keeps_fp32_state():
+    """``precision=bf16`` runs the networks under autocast; latents, the data term and the result stay fp32 and the
+    image moves little (a trained prior on a GPU is held to 0.05 dB by ``make gpu-check``'s sampler figures)."""
+    physics = CTPhysics(num_views=8, image_size=32, noise=NOISE)
+    x = phantom(2)
+    y = physics.measure(x, [0, 1])
+    args = ["num_steps=4", "guidance.final_steps=2", "tv.max_iterations=20", "progress=false"]
+    ref = load_sampler("ldir", tiny_latent_bundle(), args).reconstruct(y, physics, [0, 1])
+    low = load_sampler("ldir", tiny_latent_bundle(), [*args, "precision=bf16"])
+    out = low.sample(y, physics, [0, 1])
+    assert out.images.dtype == torch.float32 and all(loss.dtype == torch.float32 for loss in out.losses)
+    got = low.reconstruct(y, physics, [0, 1])
+    assert got.dtype == torch.float32 and float((got - ref).abs().mean()) < 0.02
+    with pytest.raises(ValueError, match="sampler.precision"):
+        load_sampler("ldir", tiny_latent_bundle(), [*args, "precision=fp8"])

@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from ldir_pl.apps.cli import command_run, run_hydra_app
+from ldir_pl.apps.report import window_range
 from ldir_pl.atomic import atomic_path
 from ldir_pl.config import CONF_DIR
 from ldir_pl.errors import ConfigError
@@ -39,9 +40,11 @@ def grid(images: np.ndarray, ncol: int | None = None) -> np.ndarray:
 
 
 def sample(cfg: DictConfig) -> Path:
-    """Draw ``num_images`` samples; writes ``samples.png`` (grid) and ``samples.npy``; returns the PNG path."""
+    """Draw ``num_images`` samples; writes ``samples.png`` (grid, in the CT ``window``) and ``samples.npy`` (images
+    in [0, 1]); returns the PNG path."""
     from PIL import Image
 
+    window_range(cfg.window)  # an unknown window fails before sampling
     if int(cfg.num_images) < 1 or int(cfg.num_steps) < 1:
         raise ConfigError(f"num_images={cfg.num_images} and num_steps={cfg.num_steps} must be >= 1")
     bundle = PriorBundle.from_pretrained(cfg.prior.path)
@@ -59,8 +62,10 @@ def sample(cfg: DictConfig) -> Path:
     with atomic_path(out / "samples.npy") as tmp:
         np.save(tmp, images.astype(np.float32))
     png = out / "samples.png"
+    lo, hi = window_range(cfg.window)  # a CT window, as the reconstruction panels: soft tissue reads, not gray
+    shown = np.clip((grid(images) - lo) / (hi - lo), 0, 1)
     with atomic_path(png) as tmp:
-        Image.fromarray((grid(images) * 255).round().astype(np.uint8)).save(tmp)
+        Image.fromarray((shown * 255).round().astype(np.uint8)).save(tmp)
     print(f"{len(images)} samples from {cfg.prior.path} ({bundle.kind} prior, {bundle.image_size}x{bundle.image_size}, "
           f"{cfg.num_steps} DDIM steps): {png}")
     return png

@@ -203,7 +203,8 @@ def where_it_ran(trainer: pl.Trainer) -> str:
     if trainer.strategy.root_device.type == "cuda":
         name = torch.cuda.get_device_name(trainer.strategy.root_device)
         return f"{trainer.world_size} x {name}, {trainer.precision}"
-    return f"CPU, {torch.get_num_threads()} torch threads, {trainer.precision}"
+    n = torch.get_num_threads()
+    return f"CPU, {n} torch thread{'' if n == 1 else 's'}, {trainer.precision}"
 
 
 def training_history(cfg: DictConfig, results: dict[str, dict]) -> list[dict]:

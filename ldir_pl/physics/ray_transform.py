@@ -110,7 +110,8 @@ class RayTransform(nn.Module):
         b = x.shape[0]
         if self.backend == "sparse":
             flat = x.reshape(b, -1).to(torch.float32).T.contiguous()
-            out = (self._matrix(transpose, x.device) @ flat).T
+            with torch.autocast(x.device.type, enabled=False):  # fp32 always, also in a bf16 sampler's backward
+                out = (self._matrix(transpose, x.device) @ flat).T
             return out.reshape(b, 1, *out_shape).to(x.dtype)
         op = self._odl_op.adjoint if transpose else self._odl_op
         arr = x.detach().to("cpu", torch.float32).numpy()

@@ -41,7 +41,9 @@ class Guidance:
     def gradient(self, y: Tensor, physics: LinearPhysics, decode: Callable[[Tensor], Tensor], z0: Tensor,
                  wrt: Tensor) -> tuple[Tensor, Tensor]:
         """(d misfit / d ``wrt``, per-image misfit) for the clean estimate ``z0`` (a function of ``wrt``)."""
-        loss = self.fidelity(y, physics.A(decode(z0).float()))
+        x = decode(z0).float()
+        with torch.autocast(x.device.type, enabled=False):  # the data term stays fp32 under a bf16 sampler
+            loss = self.fidelity(y, physics.A(x))
         (g,) = torch.autograd.grad(loss.sum(), wrt)
         return g.detach(), loss.detach()
 

@@ -37,6 +37,8 @@ from ldir_pl.sampling.prior_loading import resolve_prior
 from ldir_pl.sampling.refine import AnchoredTV
 from ldir_pl.sampling.warm_start import WarmStart
 
+PRECISIONS = ("fp32", "bf16")
+
 
 @dataclass
 class SampleOutput:
@@ -63,6 +65,8 @@ class GuidedDDIM:
         num_samples: samples per measurement, averaged before refinement; sample 0 uses the image's own seed.
         batch_size: at most this many latents through a network at once (measurements x samples; None: all).
         seed: global seed; each image's noise comes from ``image_seed(seed, id)``.
+        precision: ``fp32``, or ``bf16``: the UNet and the decoder under bf16 autocast (latents, the scheduler's
+            arithmetic, the Adam state and the data term stay fp32).
         progress: tqdm bar over sampling steps.
         name: key under which results are reported.
     """
@@ -70,7 +74,7 @@ class GuidedDDIM:
     def __init__(self, *, prior: Any, guidance: Guidance, init: WarmStart | None, refine: AnchoredTV | None,
                  num_steps: int, eta: float, timestep_spacing: str, clip_sample: float | None, num_samples: int,
                  batch_size: int | None, seed: int, progress: bool, name: str,
-                 consistency: ZCoupledConsistency | None = None) -> None:
+                 consistency: ZCoupledConsistency | None = None, precision: str = "fp32") -> None:
         if int(num_samples) < 1 or int(num_steps) < 0 or (int(num_steps) == 0 and init is None):
             raise ConfigError(f"sampler.num_samples={num_samples} must be >= 1 and num_steps={num_steps} >= 1 "
                               "(0 with a warm start: its encoded image, then the final steps, without the UNet)")
@@ -88,6 +92,9 @@ class GuidedDDIM:
         self.num_samples = int(num_samples)
         self.batch_size = None if batch_size in (None, 0) else int(batch_size)
         self.seed, self.progress = int(seed), bool(progress)
+        if precision not in PRECISIONS:
+            raise ConfigError(f"sampler.precision={precision!r}: expected one of {PRECISIONS}")
+        self.precision = precision
         from diffusers import DDIMScheduler
 
         self.scheduler = DDIMScheduler.from_config(
@@ -155,7 +162,8 @@ class GuidedDDIM:
             ids_s = [self.sample_id(i, j) for i in ids for j in range(k)]
             # the warm-start image is computed once per measurement, not once per sample
             warm = self.init.image(y, physics, ids).repeat_interleave(k, dim=0) if self.init else None
-            x, losses = self._sample(y_s, physics, ids_s, warm)
+            with torch.autocast(y.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                x, losses = self._sample(y_s, physics, ids_s, warm)
             return SampleOutput(x.view(len(ids), k, *x.shape[1:]).mean(dim=1), losses)
 
     @staticmethod
@@ -185,7 +193,7 @@ class GuidedDDIM:
         chunks = self._chunks(len(ids))
         if warm is not None:
             with torch.no_grad():  # the warm image, encoded and noised to the plan's first timestep (none: clean)
-                encoded = torch.cat([self.prior.encode(warm[c]) for c in chunks])
+                encoded = torch.cat([self.prior.encode(warm[c]).float() for c in chunks])
                 z = self.scheduler.add_noise(encoded, z, plan[:1]) if len(plan) else encoded
         losses = []
         n = len(plan)
@@ -203,7 +211,7 @@ class GuidedDDIM:
                 interrupt.check()
                 with torch.set_grad_enabled(through_unet):
                     zt = z[c].detach().requires_grad_(through_unet)
-                    out = self.prior.unet(zt, t.to(z.device)).sample
+                    out = self.prior.unet(zt, t.to(z.device)).sample.float()
                     step = self.scheduler.step(out, t, zt, eta=self.eta, use_clipped_model_output=True,
                                                variance_noise=None if noise is None else noise[c])
                 prev.append(step.prev_sample.detach())
@@ -232,7 +240,7 @@ class GuidedDDIM:
         image at once (a whole slab), the decoder and encoder a chunk at a time."""
         x0 = torch.cat([self.prior.decode(z0[c]).float() for c in chunks])
         x0c = self.consistency(x0, y, physics)
-        z0c = torch.cat([self.prior.encode(x0c[c]) for c in chunks])
+        z0c = torch.cat([self.prior.encode(x0c[c]).float() for c in chunks])
         a = float(self.scheduler.alphas_cumprod[t])
         eps = (zt - a**0.5 * z0c) / (1 - a) ** 0.5
         kind = self.scheduler.config.prediction_type
