@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from callbacks.swap_plan import Bandwidth, SavedRecord, StepProfile, Trigger
+from callbacks.swap_model import Bandwidth, SavedRecord, StepProfile, Trigger
 
 _VIEW_OR_CAST = {
     "ToCopyBackward0",

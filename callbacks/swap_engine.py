@@ -1,31 +1,24 @@
 """Execution engine for planned activation swap-out; independent of Lightning (the bench drives it).
 
 Per training step: ``step_begin`` (enters ``saved_tensors_hooks``), ``backward_begin``, ``backward_end``,
-``step_end``. The first ``profile_steps`` steps of every new input signature are profiled; then a plan
-is made (see :mod:`callbacks.swap_plan`) and executed:
-
-* pack: a planned tensor is copied into a reusable host buffer on a side CUDA stream (the compute
-  stream never waits; ``record_stream`` keeps the device block alive until the copy is done);
-* prefetch: the gradient hook of a later module's output (or backward start) copies it back on a
-  second side stream;
-* unpack: the compute stream waits on that copy's event only when autograd actually needs the tensor.
-
-Without CUDA the same path runs with synchronous copies into separate host buffers, so the logic is
-exercised on CPU. Copies are exact, hence gradients are bit-for-bit unchanged.
+``step_end``. The first ``profile_steps`` steps of every new input signature are profiled
+(:mod:`callbacks.profiler`); then a plan is made (:mod:`callbacks.swap_plan`) and executed: the pack hook hands
+a planned tensor to the copier (:mod:`callbacks.swap_copier`), the gradient hook of a later module's output (or
+backward start) starts its prefetch, and the unpack hook waits for it only when autograd needs the tensor. The
+engine also watches the plan: a step whose saved tensors differ from the profile's, or whose time drifts from
+the prediction, is re-profiled.
 """
 
 from __future__ import annotations
 
 import os
 import time
-import weakref
 from collections import OrderedDict
 from typing import Any
 
 import torch
 from torch import nn
 
-from callbacks.host_pool import HostBufferPool
 from callbacks.profiler import (
     StepRecorder,
     derived_from_param,
@@ -33,22 +26,9 @@ from callbacks.profiler import (
     measure_bandwidth,
     param_storage_ptrs,
 )
-from callbacks.swap_plan import BACKWARD_START, Bandwidth, StepProfile, SwapPlan, plan_swap
-
-
-class _Swapped:
-    """What autograd stores instead of an offloaded tensor."""
-
-    __slots__ = ("index", "host", "done", "ready", "dev", "shape", "stride", "dtype", "box", "__weakref__")
-
-    def __init__(self, index: int, host: torch.Tensor, done: Any, shape, stride, dtype) -> None:
-        self.index = index
-        self.host = host
-        self.done = done  # d2h copy event (CUDA) or None
-        self.ready = None  # h2d copy event (CUDA) or None
-        self.dev: torch.Tensor | None = None
-        self.shape, self.stride, self.dtype = shape, stride, dtype
-        self.box = [done]  # last event touching the host buffer, read by the pool on release
+from callbacks.swap_copier import SwapCopier
+from callbacks.swap_model import BACKWARD_START, Bandwidth, StepProfile
+from callbacks.swap_plan import SwapPlan, plan_swap
 
 
 def device_memory_bytes(device: torch.device) -> int:
@@ -81,8 +61,9 @@ class SwapEngine:
         self.max_replans = max_replans
         self.max_plans = max_plans
         self.bandwidth = bandwidth
-        self.pool = HostBufferPool()
+        self.copier = SwapCopier()
         self.plans: OrderedDict[Any, tuple[SwapPlan, list[tuple]]] = OrderedDict()
+        self._resident: dict[Any, int] = {}  # signature -> resident saved bytes measured on its plan's first step
         self.profiles: dict[Any, StepProfile] = {}
         self.history: list[dict[str, Any]] = []
         self.replans = 0
@@ -94,7 +75,6 @@ class SwapEngine:
         self._ctx: Any = None
         self._mode = "idle"
         self._sig: Any = None
-        self._d2h = self._h2d = None
         self._reset_step()
 
     # ------------------------------------------------------------------------------------------ utils
@@ -110,16 +90,14 @@ class SwapEngine:
     def _reset_step(self) -> None:
         self._count = 0
         self._in_backward = False
-        self._handles: weakref.WeakValueDictionary[int, _Swapped] = weakref.WeakValueDictionary()
         self._kept: dict[int, int] = {}
-        self._swapped_bytes = 0
+        self._measure_resident = False  # count resident saved bytes (the first step of a plan only)
+        self._hook_time = 0.0  # seconds in the pack / unpack hooks (host side)
         self._mismatch = 0
-        self._late = 0
         self._calls: dict[str, int] = {}
         self._recorder: StepRecorder | None = None
         self._plan: SwapPlan | None = None
         self._sigs: list[tuple] = []
-        self._resident_at_fwd_end: int | None = None
         self._t_backward_end: float | None = None
 
     def _now(self) -> float:
@@ -144,15 +122,15 @@ class SwapEngine:
         self._reset_step()
         self._sig = signature
         self._param_ptrs = param_storage_ptrs(self.model)
-        dev = self.device
+        dev = self._dev = self.device  # read once: the pack hook runs for every saved tensor
         if self.bandwidth is None:
             self.bandwidth = measure_bandwidth(dev)
-        if self.cuda and self._d2h is None:
-            self._d2h, self._h2d = torch.cuda.Stream(dev), torch.cuda.Stream(dev)
+        self.copier.begin_step(dev)
         if signature in self.plans:
             self.plans.move_to_end(signature)
             self._mode = "execute"
             self._plan, self._sigs = self.plans[signature]
+            self._measure_resident = signature not in self._resident
             pack, unpack = self._pack_exec, self._unpack_exec
         else:
             self._mode = "profile"
@@ -174,7 +152,8 @@ class SwapEngine:
         if self._in_backward:
             return
         self._in_backward = True
-        self._resident_at_fwd_end = sum(self._kept.values())
+        if self._measure_resident:
+            self._resident[self._sig] = sum(self._kept.values())
         if self._recorder is not None:
             self._recorder.backward_begin()
             if self.cuda:
@@ -215,19 +194,18 @@ class SwapEngine:
             stats.update(
                 planned_resident_bytes=plan.predicted_peak,
                 baseline_resident_bytes=plan.baseline_peak,
-                measured_resident_bytes=self._resident_at_fwd_end
-                if self._resident_at_fwd_end is not None
-                else sum(self._kept.values()),
-                swapped_bytes=self._swapped_bytes,
+                measured_resident_bytes=self._resident.setdefault(self._sig, sum(self._kept.values())),
+                swapped_bytes=self.copier.swapped_bytes,
                 predicted_step_time=plan.predicted_step_time,
-                late_prefetches=self._late,
+                late_prefetches=self.copier.late,
+                hook_seconds=self._hook_time,
                 budget=plan.budget,
             )
             if peak is not None:
                 stats["measured_peak_bytes"] = peak
             self._check_drift(measured, plan)
-        stats["pool_buffers"] = self.pool.num_buffers
-        stats["pool_bytes"] = self.pool.total_bytes
+        stats["pool_buffers"] = self.copier.pool.num_buffers
+        stats["pool_bytes"] = self.copier.pool.total_bytes
         stats["replans"] = self.replans
         self.history.append(stats)
         self._mode = "idle"
@@ -243,13 +221,12 @@ class SwapEngine:
     def close(self) -> None:
         self.abort()
         self._remove_module_hooks()
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-        self.pool.clear()
+        self.copier.close()
 
     def reset(self) -> None:
         """Forget all profiles and plans (e.g. after a batch-size search ran trial steps)."""
         self.plans.clear()
+        self._resident.clear()
         self.profiles.clear()
         self._profiled.clear()
         self._replans_per_sig.clear()
@@ -281,7 +258,7 @@ class SwapEngine:
             plan = plan_swap(prof, budget, self.bandwidth)
             self.plans[sig] = (plan, sigs)
             while len(self.plans) > self.max_plans:
-                self.plans.popitem(last=False)
+                self._resident.pop(self.plans.popitem(last=False)[0], None)
             out["planned"] = True
             out["budget"] = budget
         return out
@@ -302,6 +279,7 @@ class SwapEngine:
         self.replans += 1
         self._drift = 0
         self.plans.pop(sig, None)
+        self._resident.pop(sig, None)
         self._profiled[sig] = max(0, self.profile_steps - 1)
         if remeasure_bandwidth:
             self.bandwidth = measure_bandwidth(self.device)
@@ -361,84 +339,46 @@ class SwapEngine:
 
     # ------------------------------------------------------------------------------- pack / unpack
     def _pack_exec(self, t: torch.Tensor) -> Any:
+        """Runs for every tensor autograd saves, so a kept tensor costs a set lookup (bookkeeping of the resident
+        bytes only on a plan's first step): Python time here is on the critical path of a fast GPU step, and
+        ``hook_seconds`` in the step's figures says how much of it there was."""
+        t0 = time.perf_counter()
+        try:
+            return self._pack_planned(t)
+        finally:
+            self._hook_time += time.perf_counter() - t0
+
+    def _pack_planned(self, t: torch.Tensor) -> Any:
         if self._in_backward:
             return t
         i = self._count
         self._count += 1
-        plan = self._plan
-        if i in plan.swap:
+        if i in self._plan.swap:
             if (
                 i < len(self._sigs)
                 and self._sigs[i] == (tuple(t.shape), t.dtype)
                 and type(t) is torch.Tensor
-                and t.device == self.device
+                and t.device == self._dev
                 and t.untyped_storage().data_ptr() not in self._param_ptrs
             ):
-                return self._offload(t, i)
+                return self.copier.offload(t, i)
             self._mismatch += 1
-        if t.device == self.device:
-            ptr = t.untyped_storage().data_ptr()
+        if self._measure_resident and t.device == self._dev:
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
             if ptr not in self._kept and ptr not in self._param_ptrs and not derived_from_param(t):
-                self._kept[ptr] = t.untyped_storage().nbytes()
+                self._kept[ptr] = storage.nbytes()
         return t
-
-    def _offload(self, t: torch.Tensor, i: int) -> _Swapped:
-        n = t.numel() * t.element_size()
-        buf = self.pool.acquire(n)
-        host = buf[:n].view(t.dtype).as_strided(t.shape, t.stride())
-        if self.cuda:
-            self._d2h.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self._d2h):
-                host.copy_(t, non_blocking=True)
-                done = torch.cuda.Event()
-                done.record(self._d2h)
-            t.record_stream(self._d2h)
-        else:
-            host.copy_(t)
-            done = None
-        h = _Swapped(i, host, done, t.shape, t.stride(), t.dtype)
-        weakref.finalize(h, self._release, buf, h.box)
-        self._handles[i] = h
-        self._swapped_bytes += n
-        return h
-
-    def _release(self, buf: torch.Tensor, box: list) -> None:
-        self.pool.release(buf, box[0])
-
-    def _prefetch(self, h: _Swapped) -> None:
-        if h.dev is not None:
-            return
-        if self.cuda:
-            with torch.cuda.stream(self._h2d):
-                self._h2d.wait_event(h.done)
-                dev = torch.empty_strided(h.shape, h.stride, dtype=h.dtype, device=self.device)
-                dev.copy_(h.host, non_blocking=True)
-                ready = torch.cuda.Event()
-                ready.record(self._h2d)
-            h.ready = ready
-            h.box[0] = ready
-        else:
-            dev = torch.empty_strided(h.shape, h.stride, dtype=h.dtype, device=self.device)
-            dev.copy_(h.host)
-        h.dev = dev
 
     def _fire(self, key: str) -> None:
         plan = self._plan
         if plan is None:
             return
-        for i in plan.prefetch.get(key, ()):
-            h = self._handles.get(i)
-            if h is not None:
-                self._prefetch(h)
+        self.copier.prefetch(plan.prefetch.get(key, ()))
 
     def _unpack_exec(self, obj: Any) -> torch.Tensor:
-        if not isinstance(obj, _Swapped):
-            return obj
-        if obj.dev is None:
-            self._late += 1
-            self._prefetch(obj)
-        if self.cuda:
-            cur = torch.cuda.current_stream(self.device)
-            cur.wait_event(obj.ready)
-            obj.dev.record_stream(cur)
-        return obj.dev
+        t0 = time.perf_counter()
+        try:
+            return self.copier.unpack(obj)
+        finally:
+            self._hook_time += time.perf_counter() - t0

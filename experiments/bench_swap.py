@@ -276,6 +276,7 @@ class Runner:
                 predicted_step_s=h["predicted_step_time"],
                 measured_fwd_bwd_s=h["measured_step_time"],
                 late_prefetches=h["late_prefetches"],
+                hook_ms=1e3 * h["hook_seconds"],
                 pool_mb=h["pool_bytes"] / MB,
             )
             self.engine.close()
@@ -454,7 +455,7 @@ def main() -> None:
     if not args.skip_search:
         out["batch_size_search"] = bench_search(args, device)
 
-    hdr = f"{'model':24s} {'mode':16s} {'samples/s':>10s} {'vs none':>8s} {'peak MB':>9s} {'vs none':>8s} {'saved MB':>9s} {'swapped MB':>10s}"
+    hdr = f"{'model':24s} {'mode':16s} {'samples/s':>10s} {'vs none':>8s} {'peak MB':>9s} {'vs none':>8s} {'saved MB':>9s} {'swapped MB':>10s} {'late':>5s} {'hook ms':>8s}"
     print(hdr)
     print("-" * len(hdr))
     for label, rows in out["models"].items():
@@ -468,6 +469,7 @@ def main() -> None:
             print(
                 f"{label:24s} {mode:16s} {r['samples_per_s']:10.2f} {r['throughput_vs_none']:8.3f} "
                 f"{r['peak_mb']:9.1f} {r.get('peak_vs_none') or float('nan'):8.3f} {saved:9.2f} {r.get('swapped_mb', 0.0):10.2f}"
+                f" {r.get('late_prefetches', '-'):>5} {r.get('hook_ms', float('nan')):8.1f}"
             )
     if "batch_size_search" in out:
         s = out["batch_size_search"]

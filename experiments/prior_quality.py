@@ -54,6 +54,10 @@ def evaluate(prior: str, images: dict, num_samples: int, steps: int) -> dict:
     bundle = PriorBundle.from_pretrained(prior)
     row: dict = {"prior": str(prior), "t_grid": list(T_GRID)}
     minutes = [r.get("minutes", 0.0) for r in bundle.metadata.get("training_history", []) if r.get("stage") == "ldm"]
+    summary = Path(prior) / "train_summary.json"  # a bundle exported before histories were kept: its run's summary
+    if not minutes and summary.is_file():
+        seconds = json.loads(summary.read_text()).get("ldm", {}).get("seconds")
+        minutes = [seconds / 60] if seconds else []
     row["ldm_minutes"] = sum(minutes) if minutes else None
     with torch.no_grad():
         for split, x in images.items():
@@ -68,6 +72,7 @@ def evaluate(prior: str, images: dict, num_samples: int, steps: int) -> dict:
     row["body_share"] = sum(c.passed for c in checks) / len(checks)
     row["body_reasons"] = [c.reason for c in checks]
     row["hu_w1"] = hu_w1(to_hu(samples), to_hu(images["test"]))
+    row["hu_w1 val"] = hu_w1(to_hu(samples), to_hu(images["val"]))  # what training logs: the curve's reference
     return row
 
 
@@ -102,7 +107,7 @@ def plot_curve(rows: list[dict], start: dict | None, path: Path) -> None:
         ax.plot(minutes, [r.get(key, float("nan")) for r in rows], marker="o", ms=3)
         if start is not None and start.get("ldm_minutes") is not None:
             value = {"val/eps_mse_grid": start.get("eps_mse val"), "val/body_share": start.get("body_share"),
-                     "val/hu_w1": start.get("hu_w1")}[key]
+                     "val/hu_w1": start.get("hu_w1 val")}[key]
             ax.plot([start["ldm_minutes"]], [value], marker="s", color="k", label="run's starting bundle")
             ax.legend(fontsize=7)
         ax.set_xlabel("latent UNet training (minutes, all runs)")

@@ -3,6 +3,7 @@ removed at a time, on the same slices.
 
     python experiments/profile_ldir.py --batch 2 --images 4 --out outputs/profile_ldir
     python experiments/profile_ldir.py -- num_steps=30 guidance.final_steps=40   # profile another setting
+    python experiments/profile_ldir.py --device cuda --batch 32 -- precision=bf16    # on a GPU
 
 Part 1 times, per slice at the given batch: UNet forward, UNet forward + backward to its input, decoder forward,
 decoder forward + backward, encoder forward, one anchored-TV refinement. Part 2 runs ``sampler=ldir`` (with the
@@ -25,11 +26,20 @@ sys.path.insert(0, str(ROOT))
 from ablation import stamp  # noqa: E402
 
 
-def timed(fn, repeats: int = 3) -> float:
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeats: int = 3) -> float:
     fn()
+    sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
+    sync(device)
     return (time.perf_counter() - start) / repeats
 
 
@@ -38,7 +48,8 @@ def main() -> None:
     ap.add_argument("--prior", default=None, help="prior bundle (default: the packaged one)")
     ap.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data" / "ct-dicom"))
     ap.add_argument("--views", type=int, default=23)
-    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=2, help="slices per call (the networks' chunk is the sampler's)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--images", type=int, default=4)
     ap.add_argument("--out", default="outputs/profile_ldir")
     ap.add_argument("overrides", nargs="*", help="sampler overrides of the profiled setting (after --)")
@@ -54,15 +65,18 @@ def main() -> None:
             *(o for o in args.overrides if o.startswith(ROOT_KEYS))]  # data / physics settings: the data too
     cfg = compose_sampler("ldir", base)
     base.append("progress=false")
+    device = torch.device(args.device)
     physics, dm = instantiate(cfg.physics), instantiate(cfg.data)
     items = dm.items("val")
     ids = [i for i, _ in items]
     x = torch.stack([load() for _, load in items])
     y = physics.measure(x, ids)
-    ldir = load_sampler("ldir", overrides=[*base, *args.overrides])
+    physics.to(device)
+    x, y = x.to(device), y.to(device)
+    ldir = load_sampler("ldir", overrides=[*base, *args.overrides]).to(device)
     prior, b = ldir.prior, args.batch
-    z = torch.randn(b, *prior.latent_shape)
-    t = torch.full((b,), 300)
+    z = torch.randn(b, *prior.latent_shape, device=device)
+    t = torch.full((b,), 300, device=device)
     zg = z.clone().requires_grad_(True)
     parts = {
         "UNet forward": lambda: prior.unet(z, t),
@@ -75,7 +89,7 @@ def main() -> None:
     per_slice = {}
     for name, fn in parts.items():
         with torch.enable_grad() if "backward" in name else torch.no_grad():
-            per_slice[name] = timed(fn) / b
+            per_slice[name] = timed(fn, device) / b
     variants = {"setting": [], "no final steps": ["guidance.final_steps=0"], "no refinement": ["refine=null"],
                 "gradient w.r.t. z0": ["guidance.wrt=z0"], "no guidance": ["guidance.step_size.lr=0",
                                                                             "guidance.final_steps=0"]}
@@ -86,6 +100,7 @@ def main() -> None:
         start = time.perf_counter()
         for i in range(0, len(ids), b):
             sampler.reconstruct(y[i:i + b], physics, ids[i:i + b])
+        sync(device)
         runs[name] = (time.perf_counter() - start) / len(ids)
     total = runs["setting"]
     shares = {"final latent steps (decoder fwd+bwd)": total - runs["no final steps"],
@@ -94,12 +109,13 @@ def main() -> None:
               "guidance in the DDIM steps (decoder fwd+bwd, UNet bwd)": runs["no final steps"] - runs["no guidance"],
               "the rest (warm start, UNet forwards, final decode)": runs["no guidance"]
               - (total - runs["no refinement"])}
-    result = {"threads": torch.get_num_threads(), "batch": b, "n": len(ids), "per_slice_pass_s": per_slice,
+    result = {"device": str(device), "threads": torch.get_num_threads(), "batch": b, "n": len(ids), "per_slice_pass_s": per_slice,
               "runs_s_per_slice": runs, "shares_s_per_slice": shares, "overrides": args.overrides}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "profile.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = [f"LDIR profile ({stamp()}; {torch.get_num_threads()} threads, batch {b}, {len(ids)} validation slices, "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    md = [f"LDIR profile ({stamp()}; {where}, batch {b}, {len(ids)} validation slices, "
           f"{args.views} views); `python experiments/profile_ldir.py {' '.join(sys.argv[1:])}`", "",
           "| pass (per slice) | seconds |", "|---|---|"]
     md += [f"| {k} | {v:.3f} |" for k, v in per_slice.items()]

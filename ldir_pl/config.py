@@ -68,9 +68,9 @@ def packaged_prior_path(name: str) -> str:
     return str(ROOT / name)
 
 
-def by_device(cpu: int, cuda: int) -> int:
-    """``${by_device:2,8}``: the first value on a CPU-only machine, the second where CUDA is available (e.g. the
-    batch that is fastest per image on each)."""
+def by_device(cpu: Any, cuda: Any) -> Any:
+    """``${by_device:2,auto}``: the first value on a CPU-only machine, the second where CUDA is available (e.g. the
+    sampler's chunk: the fastest per image on a CPU, sized by free memory on a GPU)."""
     import torch
 
     return cuda if torch.cuda.is_available() else cpu

@@ -195,3 +195,23 @@ def test_bf16_training_of_vae_and_unet(device, tmp_path):
     trainer = _trainer(device, max_steps=3, precision="bf16-mixed", limit_val_batches=0)
     trainer.fit(ldm, data)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_auto_chunks_fit_free_memory_and_keep_the_result(device):
+    """``batch_size=auto`` (the CUDA default): chunks sized by free GPU memory give the image of one latent at a
+    time; on a CPU it is refused with the setting named."""
+    physics = CTPhysics(num_views=8, image_size=32, noise=GaussianNoise(relative=0.01)).to(device)
+    x = phantom(3).to(device)
+    y = physics.measure(x, [0, 1, 2])
+    args = ["num_steps=3", "guidance.final_steps=1", "tv.max_iterations=10", "progress=false"]
+    auto = load_sampler("ldir", tiny_latent_bundle(), [*args, "batch_size=auto"])
+    if device == "cpu":
+        with pytest.raises(ValueError, match="batch_size=auto sizes chunks by free GPU memory"):
+            auto.reconstruct(y, physics, [0, 1, 2])
+        return
+    got = auto.reconstruct(y, physics, [0, 1, 2])
+    one, two = auto._probed[torch.device(device, torch.cuda.current_device())]
+    assert two > one > 0  # the probes measured a step whose memory grows with the chunk
+    ref = load_sampler("ldir", tiny_latent_bundle(), [*args, "batch_size=1"]).reconstruct(y, physics, [0, 1, 2])
+    assert torch.allclose(got, ref, atol=1e-4)

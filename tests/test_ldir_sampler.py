@@ -10,8 +10,10 @@ from test_config_defaults import target_defaults
 from tiny import NOISE, SIZE, phantom, tiny_latent_bundle
 
 from ldir_pl.config import load_sampler
+from ldir_pl.errors import ConfigError
 from ldir_pl.physics import CTPhysics, VolumePhysics
 from ldir_pl.sampling import GuidedDDIM, PseudoInverse
+from ldir_pl.sampling.chunk_size import chunk_for_memory
 from ldir_pl.sampling.fidelity import DataFidelity
 from ldir_pl.sampling.refine import AnchoredTV
 from ldir_pl.sampling.tv import TVReconstructor
@@ -306,3 +308,23 @@ def test_bf16_sampler_stays_close_to_fp32_and_keeps_fp32_state():
     assert got.dtype == torch.float32 and float((got - ref).abs().mean()) < 0.02
     with pytest.raises(ValueError, match="sampler.precision"):
         load_sampler("ldir", tiny_latent_bundle(), [*args, "precision=fp8"])
+
+
+def test_chunk_for_memory_follows_the_linear_model():
+    """``batch_size=auto``: from the peaks of 1 and 2 latents, the largest chunk that fits 80% of free memory."""
+    gib = 1 << 30
+    peak = {1: 3 * gib + gib // 2, 2: 4 * gib}.__getitem__  # 3 GiB fixed + 0.5 GiB per latent
+    assert chunk_for_memory(peak, free_bytes=10 * gib, n=100) == 10  # (8 - 3) / 0.5
+    assert chunk_for_memory(peak, free_bytes=100 * gib, n=7) == 7
+    assert chunk_for_memory(peak, free_bytes=10_000 * gib, n=1000) == 256
+    with pytest.raises(ConfigError, match=r"one latent needs about 3.50 GiB but 4.00 GiB"):
+        chunk_for_memory(peak, free_bytes=4 * gib, n=4)
+    probes = []
+    assert chunk_for_memory(lambda k: probes.append(k) or 0, free_bytes=1, n=1) == 1 and not probes
+
+
+def test_batch_size_setting_is_checked():
+    args = ["num_steps=2", "guidance.final_steps=1", "progress=false"]
+    with pytest.raises(ConfigError, match="sampler.batch_size='abc'"):
+        load_sampler("ldir", tiny_latent_bundle(), [*args, "batch_size=abc"])
+    assert load_sampler("ldir", tiny_latent_bundle(), [*args, "batch_size=0"]).batch_size is None

@@ -182,7 +182,7 @@ def test_pool_stable_hooks_removed_and_drift_replan():
     assert swap.engine.replans == 1  # drift forced one re-profile, then capped by max_replans
     execs = [x for x in h if x["mode"] == "execute"]
     assert len({x["pool_buffers"] for x in execs[-3:]}) == 1  # no growth across steps
-    assert swap.engine.pool.num_buffers == 0  # freed at teardown
+    assert swap.engine.copier.pool.num_buffers == 0  # freed at teardown
     for m in model.modules():
         assert not m._forward_hooks and not m._forward_pre_hooks
     assert swap.engine._ctx is None
@@ -221,13 +221,13 @@ def test_engine_never_offloads_params_or_tiny():
     net = conv_net()
     eng = SwapEngine(net, memory_budget=1.0e3, min_bytes=4096, profile_steps=1)
     seen = []
-    orig = eng._offload
+    orig = eng.copier.offload
 
     def spy(t, i):
         seen.append(t)
         return orig(t, i)
 
-    eng._offload = spy
+    eng.copier.offload = spy
     params = {p.untyped_storage().data_ptr() for p in net.parameters()}
     x = torch.randn(4, 3, 8, 8)
     for _ in range(3):

@@ -1,4 +1,4 @@
-"""Swap performance model and planner: pure functions on synthetic profiles."""
+"""Swap performance model (``swap_model``) and planner (``swap_plan``): pure functions on synthetic profiles."""
 
 from __future__ import annotations
 
@@ -6,15 +6,8 @@ import math
 
 import pytest
 
-from callbacks.swap_plan import (
-    BACKWARD_START,
-    Bandwidth,
-    SavedRecord,
-    StepProfile,
-    Trigger,
-    plan_swap,
-    simulate,
-)
+from callbacks.swap_model import BACKWARD_START, Bandwidth, SavedRecord, StepProfile, Trigger, simulate
+from callbacks.swap_plan import plan_swap
 
 MB = 1 << 20
 

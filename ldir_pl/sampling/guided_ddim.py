@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from ldir_pl import interrupt
 from ldir_pl.errors import ConfigError
 from ldir_pl.physics import LinearPhysics, image_seed
+from ldir_pl.sampling.chunk_size import chunk_for_memory, cuda_peak_of, free_cuda_bytes
 from ldir_pl.sampling.consistency import ZCoupledConsistency
 from ldir_pl.sampling.guidance import Guidance
 from ldir_pl.sampling.prior_loading import resolve_prior
@@ -63,7 +64,8 @@ class GuidedDDIM:
         num_steps, eta, timestep_spacing: DDIM steps run, stochasticity (0 deterministic), diffusers' spacing.
         clip_sample: clamp the predicted clean variable to [-c, c] (None: no clamp; pixel DPS clamps to 1).
         num_samples: samples per measurement, averaged before refinement; sample 0 uses the image's own seed.
-        batch_size: at most this many latents through a network at once (measurements x samples; None: all).
+        batch_size: at most this many latents through a network at once (measurements x samples; None: all;
+            ``auto``: as many as free GPU memory holds, measured once per device, ``chunk_size.py``).
         seed: global seed; each image's noise comes from ``image_seed(seed, id)``.
         precision: ``fp32``, or ``bf16``: the UNet and the decoder under bf16 autocast (latents, the scheduler's
             arithmetic, the Adam state and the data term stay fp32).
@@ -73,7 +75,7 @@ class GuidedDDIM:
 
     def __init__(self, *, prior: Any, guidance: Guidance, init: WarmStart | None, refine: AnchoredTV | None,
                  num_steps: int, eta: float, timestep_spacing: str, clip_sample: float | None, num_samples: int,
-                 batch_size: int | None, seed: int, progress: bool, name: str,
+                 batch_size: int | str | None, seed: int, progress: bool, name: str,
                  consistency: ZCoupledConsistency | None = None, precision: str = "fp32") -> None:
         if int(num_samples) < 1 or int(num_steps) < 0 or (int(num_steps) == 0 and init is None):
             raise ConfigError(f"sampler.num_samples={num_samples} must be >= 1 and num_steps={num_steps} >= 1 "
@@ -90,7 +92,11 @@ class GuidedDDIM:
                               "num_samples=1")
         self.num_steps, self.eta = int(num_steps), float(eta)
         self.num_samples = int(num_samples)
-        self.batch_size = None if batch_size in (None, 0) else int(batch_size)
+        if batch_size not in (None, "auto") and not (str(batch_size).isdigit()):
+            raise ConfigError(f"sampler.batch_size={batch_size!r}: expected a number of latents (0 or null: all at "
+                              "once) or auto (as many as free GPU memory holds)")
+        self.batch_size = batch_size if batch_size in (None, "auto") else int(batch_size) or None
+        self._probed: dict[torch.device, tuple[int, int]] = {}  # device -> peak bytes of 1 and 2 latents
         self.seed, self.progress = int(seed), bool(progress)
         if precision not in PRECISIONS:
             raise ConfigError(f"sampler.precision={precision!r}: expected one of {PRECISIONS}")
@@ -178,8 +184,29 @@ class GuidedDDIM:
 
     def _chunks(self, n: int) -> list[slice]:
         """Micro-batches of at most ``batch_size`` latents for every network call (memory is a chunk's)."""
-        size = self.batch_size or n
+        size = self._auto_chunk(n) if self.batch_size == "auto" else self.batch_size or n
         return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+    def _auto_chunk(self, n: int) -> int:
+        """The chunk free GPU memory holds; the probes run once per device, free memory is read every call."""
+        device = self.device
+        if device.type != "cuda":
+            raise ConfigError(f"{self.name}: sampler.batch_size=auto sizes chunks by free GPU memory, and this runs "
+                              f"on {device}; give a number (2 is the fastest per image on a 2-core CPU)")
+        if device not in self._probed and n > 1:
+            peak_of = cuda_peak_of(self._probe_step, device)
+            self._probed[device] = (peak_of(1), peak_of(2))
+        one_two = self._probed.get(device, (0, 0))
+        return chunk_for_memory(lambda k: one_two[k - 1], free_cuda_bytes(device), n)
+
+    def _probe_step(self, k: int) -> None:
+        """The heaviest work of a guided step on ``k`` latents: UNet and decoder forward, backward through both."""
+        plan = self.timesteps()
+        t = (plan[:1] if len(plan) else torch.zeros(1, dtype=torch.long)).to(self.device)
+        z = torch.randn(k, *self.latent_shape, device=self.device, requires_grad=True)
+        eps = self.prior.unet(z, t).sample.float()
+        x = self.prior.decode(z - eps).float()
+        torch.autograd.grad(x.square().mean(), z)
 
     def _sample(self, y: Tensor, physics: LinearPhysics, ids: list, warm: Tensor | None) -> tuple[Tensor, list]:
         """One guided sample per measurement, decoded (not refined), and the misfit at every guided step. The
