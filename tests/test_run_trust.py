@@ -260,6 +260,43 @@ def test_sigterm_stops_training_with_a_checkpoint_and_it_resumes(tmp_path):
     assert json.loads((out / "run_info.json").read_text())["status"] == "complete"
 
 
+def test_lightnings_own_sigterm_exit_is_the_interrupt_and_checkpoints(tmp_path):
+    """Lightning checks SIGTERM itself (at epoch ends and batch starts) and leaves by ``SIGTERMException``, a
+    ``SystemExit`` with status 0. When its check comes before ours, the run must still save ``last.ckpt``, be marked
+    interrupted and exit 143; a ``SystemExit`` without a stop request passes through unchanged."""
+    import pytorch_lightning as pl
+    from test_vae import smooth_images
+    from tiny import tiny_module
+    from torch.utils.data import DataLoader
+
+    from ldir_pl import interrupt
+    from ldir_pl.apps.cli import command_run
+    from ldir_pl.models.stop_on_signal import StopOnSignal
+
+    class LightningSeesItFirst(pl.Callback):
+        """A SIGTERM arriving after our batch-end check: only Lightning's next check can see it."""
+
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if trainer.global_step == 2:
+                interrupt.request(signal.SIGTERM)
+                trainer._signal_connector.received_sigterm = True
+
+    loader = DataLoader(smooth_images(8), batch_size=2)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[StopOnSignal(tmp_path / "ckpt"), LightningSeesItFirst()])
+    with pytest.raises(SystemExit) as exit_info:
+        with command_run("ldir-train", tmp_path / "run"):
+            trainer.fit(tiny_module("vae"), loader)
+    assert exit_info.value.code == 143 and trainer.global_step == 2
+    assert json.loads((tmp_path / "run" / "run_info.json").read_text())["status"] == "interrupted"
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 2
+    with pytest.raises(SystemExit) as exit_info:
+        with command_run("ldir-train"):
+            sys.exit(3)
+    assert exit_info.value.code == 3
+
+
 # ---------------------------------------------------------------------------------------------- atomic outputs
 def test_a_crash_while_writing_leaves_no_file_that_looks_complete(tmp_path, monkeypatch):
     import nibabel as nib

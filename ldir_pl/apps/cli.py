@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ import hydra
 from hydra.errors import HydraException, InstantiationException
 from omegaconf.errors import OmegaConfBaseException
 
+from ldir_pl import interrupt
 from ldir_pl.apps.run_record import RunRecord, earlier_outputs
 from ldir_pl.config import register_resolvers, require_conf_dir
 from ldir_pl.errors import InputError
@@ -145,8 +147,12 @@ def command_run(app: str, output_dir: str | Path | None = None, cfg: Any = None,
                 if cfg is not None:
                     record.save_config(cfg)
             yield record
-        except (Interrupted, KeyboardInterrupt) as err:
-            stop = err if isinstance(err, Interrupted) else Interrupted(2)
+        except (Interrupted, KeyboardInterrupt, SystemExit) as err:
+            # Lightning meets the same SIGTERM at its own checks and leaves by SystemExit (status 0): while a stop
+            # is requested that exit is this interrupt too
+            if isinstance(err, SystemExit) and interrupt.requested() is None:
+                raise
+            stop = err if isinstance(err, Interrupted) else Interrupted(interrupt.requested() or signal.SIGINT)
             _to_log_files(logging.WARNING, f"{app}: {stop}; what was complete is kept")
             if record is not None:
                 record.finish("interrupted", str(stop))
