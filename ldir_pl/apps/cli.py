@@ -24,6 +24,7 @@ from typing import Any
 
 import hydra
 from hydra.errors import HydraException, InstantiationException
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf.errors import OmegaConfBaseException
 
 from ldir_pl import interrupt
@@ -83,8 +84,8 @@ def _output_folder_error(err: BaseException) -> bool:
 
 def is_input_error(err: BaseException) -> bool:
     cause = root_cause(err)
-    if isinstance(cause, (InputError, OmegaConfBaseException)):
-        return True
+    if isinstance(cause, (InputError, OmegaConfBaseException, MisconfigurationException)):
+        return True  # MisconfigurationException: Lightning refusing a setting (e.g. max_epochs below a checkpoint's)
     if isinstance(cause, HydraException) and not isinstance(cause, InstantiationException):
         return True  # config composition: unknown group option, bad override
     if _output_folder_error(cause):
