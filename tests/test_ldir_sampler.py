@@ -313,14 +313,13 @@ def test_bf16_sampler_stays_close_to_fp32_and_keeps_fp32_state():
 def test_chunk_for_memory_follows_the_linear_model():
     """``batch_size=auto``: from the peaks of 1 and 2 latents, the largest chunk that fits 80% of free memory."""
     gib = 1 << 30
-    peak = {1: 3 * gib + gib // 2, 2: 4 * gib}.__getitem__  # 3 GiB fixed + 0.5 GiB per latent
-    assert chunk_for_memory(peak, free_bytes=10 * gib, n=100) == 10  # (8 - 3) / 0.5
-    assert chunk_for_memory(peak, free_bytes=100 * gib, n=7) == 7
-    assert chunk_for_memory(peak, free_bytes=10_000 * gib, n=1000) == 256
+    peaks = (3 * gib + gib // 2, 4 * gib)  # 3 GiB fixed + 0.5 GiB per latent
+    assert chunk_for_memory(*peaks, free_bytes=10 * gib, n=100) == 10  # (8 - 3) / 0.5
+    assert chunk_for_memory(*peaks, free_bytes=100 * gib, n=7) == 7
+    assert chunk_for_memory(*peaks, free_bytes=10_000 * gib, n=1000) == 256
     with pytest.raises(ConfigError, match=r"one latent needs about 3.50 GiB but 4.00 GiB"):
-        chunk_for_memory(peak, free_bytes=4 * gib, n=4)
-    probes = []
-    assert chunk_for_memory(lambda k: probes.append(k) or 0, free_bytes=1, n=1) == 1 and not probes
+        chunk_for_memory(*peaks, free_bytes=4 * gib, n=4)
+    assert chunk_for_memory(*peaks, free_bytes=1, n=1) == 1  # one latent is one chunk, whatever memory says
 
 
 def test_batch_size_setting_is_checked():

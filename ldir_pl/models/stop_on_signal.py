@@ -27,11 +27,12 @@ class StopOnSignal(pl.Callback):
         interrupt.check()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        # a stop request, whether this callback's check raised it or Lightning's own SIGTERM check got there first
-        stopping = isinstance(exception, interrupt.Interrupted) or interrupt.requested() is not None
-        if not stopping or trainer.sanity_checking or trainer.global_step == 0:
+        # any exception while a stop is requested: this callback's check raised it, or Lightning's own SIGTERM
+        # check got there first (its SystemExit)
+        signum = interrupt.requested()
+        if signum is None or trainer.sanity_checking or trainer.global_step == 0:
             return
         path = self.dirpath / "last.ckpt"
         trainer.save_checkpoint(path)
-        stop = exception if isinstance(exception, interrupt.Interrupted) else interrupt.Interrupted(interrupt.requested())
-        log.warning("%s: saved %s (step %d); resume with ckpt_path=last", stop, path, trainer.global_step)
+        log.warning("%s: saved %s (step %d); resume with ckpt_path=last", interrupt.Interrupted(signum), path,
+                    trainer.global_step)

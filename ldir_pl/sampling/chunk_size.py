@@ -18,18 +18,14 @@ from ldir_pl.errors import ConfigError
 GiB = 1 << 30
 
 
-def chunk_for_memory(peak_of: Callable[[int], int], free_bytes: int, n: int, headroom: float = 0.8,
+def chunk_for_memory(peak_one: int, peak_two: int, free_bytes: int, n: int, headroom: float = 0.8,
                      cap: int = 256) -> int:
-    """The largest chunk (1..min(n, cap)) whose predicted peak fits in ``headroom * free_bytes``.
-
-    ``peak_of(k)`` is the measured peak memory of the step's work on ``k`` latents; it is called for k = 1 and
-    k = 2 (the linear model's two points) and only when more than one latent is to be run.
-    """
+    """The largest chunk (1..min(n, cap)) whose predicted peak fits in ``headroom * free_bytes``, from the measured
+    peak memory of the step's work on one latent and on two (the linear model's two points)."""
     if n <= 1:
         return 1
-    one, two = int(peak_of(1)), int(peak_of(2))
-    per = max(two - one, 1)
-    fixed = max(one - per, 0)
+    per = max(int(peak_two) - int(peak_one), 1)
+    fixed = max(int(peak_one) - per, 0)
     budget = headroom * free_bytes
     if fixed + per > budget:
         raise ConfigError(f"sampler.batch_size=auto: one latent needs about {(fixed + per) / GiB:.2f} GiB but "
@@ -44,7 +40,7 @@ def free_cuda_bytes(device: torch.device) -> int:
 
 
 def cuda_peak_of(work: Callable[[int], None], device: torch.device) -> Callable[[int], int]:
-    """``peak_of`` for :func:`chunk_for_memory`: the peak allocated above the current level while ``work(k)`` runs."""
+    """The peak allocated above the current level while ``work(k)`` runs, as a function of ``k``."""
 
     def peak_of(k: int) -> int:
         torch.cuda.synchronize(device)

@@ -193,11 +193,12 @@ class GuidedDDIM:
         if device.type != "cuda":
             raise ConfigError(f"{self.name}: sampler.batch_size=auto sizes chunks by free GPU memory, and this runs "
                               f"on {device}; give a number (2 is the fastest per image on a 2-core CPU)")
-        if device not in self._probed and n > 1:
+        if n <= 1:
+            return 1
+        if device not in self._probed:
             peak_of = cuda_peak_of(self._probe_step, device)
             self._probed[device] = (peak_of(1), peak_of(2))
-        one_two = self._probed.get(device, (0, 0))
-        return chunk_for_memory(lambda k: one_two[k - 1], free_cuda_bytes(device), n)
+        return chunk_for_memory(*self._probed[device], free_cuda_bytes(device), n)
 
     def _probe_step(self, k: int) -> None:
         """The heaviest work of a guided step on ``k`` latents: UNet and decoder forward, backward through both."""
